@@ -1,0 +1,286 @@
+"""Architectures: how a family's tensors are named, shaped and cut into units.
+
+One `Architecture` record per family, looked up by `config.json`'s
+`model_type`. A record says which config keys hold the model's dimensions
+(and their defaults when a `config.json` leaves them out), which module paths
+form the embed unit, the blocks and the head, and the shape of every
+parameter. Supporting a new family is one more record in `ARCHITECTURES`.
+
+Invariants:
+- Names are canonical Hugging Face state-dict names, exactly those
+  `AutoModelForCausalLM.from_config(cfg).state_dict()` uses, so an export
+  loads with `from_pretrained` unchanged. Other spellings found in checkpoints
+  (GPT-2's hub layout without `transformer.`) are mapped by `canonical_name`.
+- A tied model has no separate `lm_head.weight`: `expected_shapes` omits it
+  and `tied_pairs` maps it to the input embedding.
+- Units are `embed`, `block.0` .. `block.{L-1}`, `head`, in forward order;
+  every expected tensor belongs to exactly one.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..errors import UserError
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The dimensions that fix every parameter shape, resolved from a config."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_positions: int
+    tied: bool
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+
+@dataclass(frozen=True)
+class ParamShapes:
+    """Parameter shapes: `embed` and `head` by full name; `block` relative to one block's module path."""
+
+    embed: dict[str, Shape]
+    block: dict[str, Shape]
+    head: dict[str, Shape]
+
+
+# Canonical dimension -> (config.json key, default when absent; None = required).
+_LLAMA_KEYS: dict[str, tuple[str, Any]] = {
+    "vocab_size": ("vocab_size", None),
+    "hidden_size": ("hidden_size", None),
+    "num_layers": ("num_hidden_layers", None),
+    "num_heads": ("num_attention_heads", None),
+    "num_kv_heads": ("num_key_value_heads", None),  # None -> num_heads (no GQA), as LlamaConfig does
+    "head_dim": ("head_dim", None),  # None -> hidden_size // num_heads
+    "intermediate_size": ("intermediate_size", None),
+    "max_positions": ("max_position_embeddings", None),
+    "tied": ("tie_word_embeddings", False),
+    "attention_bias": ("attention_bias", False),
+    "mlp_bias": ("mlp_bias", False),
+}
+_GPT2_KEYS: dict[str, tuple[str, Any]] = {
+    "vocab_size": ("vocab_size", 50257),
+    "hidden_size": ("n_embd", 768),
+    "num_layers": ("n_layer", 12),
+    "num_heads": ("n_head", 12),
+    "num_kv_heads": ("n_head", 12),
+    "head_dim": ("head_dim", None),
+    "intermediate_size": ("n_inner", None),  # None -> 4 * n_embd, as GPT2MLP does
+    "max_positions": ("n_positions", 1024),
+    "tied": ("tie_word_embeddings", True),
+}
+_OPTIONAL_DIMS = {"num_kv_heads", "head_dim", "intermediate_size"}
+
+
+def _llama_shapes(d: ModelDims, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> ParamShapes:
+    q, kv, h, i = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim, d.hidden_size, d.intermediate_size
+    block: dict[str, Shape] = {"self_attn.q_proj.weight": (q, h)}
+    if qkv_bias:
+        block["self_attn.q_proj.bias"] = (q,)
+    block["self_attn.k_proj.weight"] = (kv, h)
+    if qkv_bias:
+        block["self_attn.k_proj.bias"] = (kv,)
+    block["self_attn.v_proj.weight"] = (kv, h)
+    if qkv_bias:
+        block["self_attn.v_proj.bias"] = (kv,)
+    block["self_attn.o_proj.weight"] = (h, q)
+    if o_bias:
+        block["self_attn.o_proj.bias"] = (h,)
+    for proj, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+        block[f"mlp.{proj}.weight"] = shape
+        if mlp_bias:
+            block[f"mlp.{proj}.bias"] = (shape[0],)
+    block["input_layernorm.weight"] = (h,)
+    block["post_attention_layernorm.weight"] = (h,)
+    return ParamShapes(
+        embed={"model.embed_tokens.weight": (d.vocab_size, h)},
+        block=block,
+        head={"model.norm.weight": (h,), "lm_head.weight": (d.vocab_size, h)},
+    )
+
+
+def _gpt2_shapes(d: ModelDims) -> ParamShapes:
+    # GPT-2 uses Conv1D: weights are stored (in_features, out_features), the
+    # transpose of nn.Linear, so c_attn is (n_embd, 3 * n_embd).
+    h, i = d.hidden_size, d.intermediate_size
+    block: dict[str, Shape] = {
+        "ln_1.weight": (h,), "ln_1.bias": (h,),
+        "attn.c_attn.weight": (h, 3 * h), "attn.c_attn.bias": (3 * h,),
+        "attn.c_proj.weight": (h, h), "attn.c_proj.bias": (h,),
+        "ln_2.weight": (h,), "ln_2.bias": (h,),
+        "mlp.c_fc.weight": (h, i), "mlp.c_fc.bias": (i,),
+        "mlp.c_proj.weight": (i, h), "mlp.c_proj.bias": (h,),
+    }
+    return ParamShapes(
+        embed={"transformer.wte.weight": (d.vocab_size, h), "transformer.wpe.weight": (d.max_positions, h)},
+        block=block,
+        head={"transformer.ln_f.weight": (h,), "transformer.ln_f.bias": (h,), "lm_head.weight": (d.vocab_size, h)},
+    )
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model family: config keys, module layout and parameter shapes."""
+
+    name: str
+    model_types: tuple[str, ...]
+    config_keys: Mapping[str, tuple[str, Any]]
+    embed_modules: tuple[str, ...]  # module paths of the embed unit, in call order
+    block_modules: str  # "model.layers": block i is "model.layers.{i}"
+    head_modules: tuple[str, ...]  # final norm, then lm_head
+    embed_weight: str  # the input embedding that lm_head.weight aliases when tied
+    shapes: Callable[[ModelDims], ParamShapes]
+    # A prefix older checkpoints leave off (GPT-2 on the hub: "h.0.attn..." for
+    # "transformer.h.0.attn..."); names without it get it added.
+    missing_prefix: str | None = None
+    # Non-parameter buffers older checkpoints carry (causal masks, rotary
+    # frequencies); recognised so they can be skipped, never loaded.
+    buffers: tuple[str, ...] = ()
+    _buffer_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_buffer_re", re.compile("|".join(f"(?:{b})" for b in self.buffers) or r"(?!)"))
+
+    # --- dimensions -------------------------------------------------------
+    def dims(self, config: Mapping[str, Any], path: str | Path = "config.json") -> ModelDims:
+        """Resolve and check the dimensions in `config`; `UserError` naming `path` and the key if bad."""
+        raw: dict[str, Any] = {}
+        for dim, (key, default) in self.config_keys.items():
+            value = config.get(key)
+            if value is None:
+                value = default
+            if value is None and dim not in _OPTIONAL_DIMS:
+                raise UserError(f"{path}: '{key}' is missing; a {self.name} config needs it")
+            if value is not None:
+                want_bool = isinstance(default, bool) or dim in ("tied", "attention_bias", "mlp_bias")
+                ok = isinstance(value, bool) if want_bool else (
+                    isinstance(value, int) and not isinstance(value, bool) and value > 0)
+                if not ok:
+                    kind = "true or false" if want_bool else "a positive integer"
+                    raise UserError(f"{path}: '{key}' must be {kind}, got {value!r}")
+            raw[dim] = value
+        raw["num_kv_heads"] = raw["num_kv_heads"] or raw["num_heads"]
+        raw["intermediate_size"] = raw["intermediate_size"] or 4 * raw["hidden_size"]
+        if raw["head_dim"] is None:
+            if raw["hidden_size"] % raw["num_heads"]:
+                key = self.config_keys["hidden_size"][0]
+                raise UserError(f"{path}: '{key}' {raw['hidden_size']} is not divisible by {raw['num_heads']} heads")
+            raw["head_dim"] = raw["hidden_size"] // raw["num_heads"]
+        if raw["num_heads"] % raw["num_kv_heads"]:
+            raise UserError(
+                f"{path}: {raw['num_heads']} attention heads are not a multiple of {raw['num_kv_heads']} key/value heads"
+            )
+        return ModelDims(**raw)
+
+    def tied(self, config: Mapping[str, Any]) -> bool:
+        """Whether lm_head shares the input embedding's weight."""
+        return self.dims(config).tied
+
+    def max_positions(self, config: Mapping[str, Any]) -> int:
+        """The longest sequence the position encoding supports."""
+        return self.dims(config).max_positions
+
+    def tied_pairs(self, config: Mapping[str, Any]) -> dict[str, str]:
+        """Alias -> canonical name of tied tensors (empty when untied)."""
+        return {"lm_head.weight": self.embed_weight} if self.tied(config) else {}
+
+    # --- names and units --------------------------------------------------
+    def unit_names(self, config: Mapping[str, Any]) -> list[str]:
+        """Units in forward order: `embed`, `block.0` .. `block.{L-1}`, `head`."""
+        return ["embed", *(f"block.{i}" for i in range(self.dims(config).num_layers)), "head"]
+
+    def segments(self, config: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """(module path in the HF model, unit name) in forward call order."""
+        layers = self.dims(config).num_layers
+        return [
+            *((m, "embed") for m in self.embed_modules),
+            *((f"{self.block_modules}.{i}", f"block.{i}") for i in range(layers)),
+            *((m, "head") for m in self.head_modules),
+        ]
+
+    def expected_shapes(self, config: Mapping[str, Any]) -> dict[str, Shape]:
+        """Every tensor a checkpoint must hold, canonical name -> shape, in unit order.
+
+        A tied model's `lm_head.weight` is left out: it is the embedding.
+        """
+        d = self.dims(config)
+        shapes = self.shapes(d)
+        out = dict(shapes.embed)
+        for i in range(d.num_layers):
+            out.update({f"{self.block_modules}.{i}.{k}": s for k, s in shapes.block.items()})
+        out.update(shapes.head)
+        for alias in self.tied_pairs(config):
+            del out[alias]
+        return out
+
+    def unit_of(self, tensor_name: str, config: Mapping[str, Any]) -> str:
+        """The unit that owns canonical `tensor_name` (a tied alias resolves to its embedding's unit)."""
+        name = self.tied_pairs(config).get(tensor_name, tensor_name)
+        for module, unit in self.segments(config):
+            if name.startswith(module + "."):
+                return unit
+        raise ValueError(f"tensor {tensor_name!r} belongs to no unit of a {self.name} model")
+
+    def is_buffer(self, tensor_name: str) -> bool:
+        """Whether canonical `tensor_name` is a non-parameter buffer older checkpoints carry."""
+        return self._buffer_re.fullmatch(tensor_name) is not None
+
+    def canonical_name(self, tensor_name: str) -> str:
+        """Map a checkpoint's spelling of a tensor name to the canonical HF state-dict name."""
+        p = self.missing_prefix
+        if p and not tensor_name.startswith(p) and not tensor_name.startswith("lm_head."):
+            return p + tensor_name
+        return tensor_name
+
+
+def _llama_family(name: str, model_types: tuple[str, ...], shapes: Callable[[ModelDims], ParamShapes]) -> Architecture:
+    return Architecture(
+        name=name, model_types=model_types, config_keys=_LLAMA_KEYS,
+        embed_modules=("model.embed_tokens",), block_modules="model.layers",
+        head_modules=("model.norm", "lm_head"), embed_weight="model.embed_tokens.weight", shapes=shapes,
+        buffers=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq"),
+    )
+
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    # Llama, including SmolLM2 (tied embeddings, grouped-query attention).
+    # Biases follow the config: attention_bias on q/k/v/o, mlp_bias on the MLP.
+    _llama_family("llama", ("llama",), lambda d: _llama_shapes(d, d.attention_bias, d.attention_bias, d.mlp_bias)),
+    _llama_family("mistral", ("mistral",), lambda d: _llama_shapes(d, False, False, False)),
+    # Qwen2 always has q/k/v biases and none on o_proj or the MLP.
+    _llama_family("qwen2", ("qwen2",), lambda d: _llama_shapes(d, True, False, False)),
+    Architecture(
+        name="gpt2", model_types=("gpt2",), config_keys=_GPT2_KEYS,
+        embed_modules=("transformer.wte", "transformer.wpe"), block_modules="transformer.h",
+        head_modules=("transformer.ln_f", "lm_head"), embed_weight="transformer.wte.weight", shapes=_gpt2_shapes,
+        missing_prefix="transformer.",
+        buffers=(r"transformer\.h\.\d+\.attn\.(?:bias|masked_bias)",),
+    ),
+)
+
+
+def supported_model_types() -> list[str]:
+    """Every `model_type` some record accepts, sorted."""
+    return sorted(t for a in ARCHITECTURES for t in a.model_types)
+
+
+def architecture_for(config: Mapping[str, Any], path: str | Path = "config.json") -> Architecture:
+    """The record for `config["model_type"]`; `UserError` naming `path` otherwise."""
+    model_type = config.get("model_type")
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch
+    supported = ", ".join(supported_model_types())
+    if model_type is None:
+        raise UserError(f"{path}: no 'model_type'; supported: {supported}")
+    raise UserError(f"{path}: model_type {model_type!r} is not supported; supported: {supported}")
