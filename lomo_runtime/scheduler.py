@@ -1,0 +1,346 @@
+"""Unit residency: which units' weights are in memory, loading, or being written.
+
+One record per unit with an explicit state (no parallel dicts). The scheduler
+knows the order in which units will be used this step (forward order, then
+reverse order for backward with recomputation) and uses it twice:
+
+* prefetch: background reads of the next `prefetch_depth` units, as long as
+  they fit the weights budget, overlapping disk with compute;
+* eviction: when a unit must come in and the budget is full, the resident unit
+  whose next use is farthest away goes out (Belady's rule, optimal when the
+  future is known). Across the step boundary this keeps the units that
+  backward touched last (the first ones) for the next forward: zig-zag reuse
+  falls out of the rule instead of being a special case.
+
+Only the thread that calls the scheduler mutates unit records; I/O threads run
+`store.read_unit` / `store.write_unit` and hand results back through futures.
+
+Budget invariant: the bytes of units that are LOADING, RESIDENT or WRITING
+never exceed `weights_budget` (when one is set). A single access that needs
+more than the budget raises `DoesNotFit`.
+"""
+from __future__ import annotations
+
+import enum
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import DoesNotFit
+from .sizes import format_size
+from .skeleton import bind, unbind
+
+
+class UnitState(enum.Enum):
+    ON_DISK = "on_disk"    # only the committed (or an uncommitted newer) file holds it
+    LOADING = "loading"    # a read into its staging buffer is in flight
+    RESIDENT = "resident"  # buffer holds the current weights; parameters may be bound
+    WRITING = "writing"    # resident, and its updated bytes are being written as a new generation
+
+
+@dataclass
+class Unit:
+    """Everything the runtime knows about one unit, in one record."""
+
+    name: str
+    nbytes: int                                    # staging bytes (the unit file, 4 KiB multiple)
+    params: list[tuple[nn.Parameter, torch.dtype, tuple[int, ...], int, int]]  # (param, dtype, shape, offset, nbytes)
+    state: UnitState = UnitState.ON_DISK
+    buffer: torch.Tensor | None = None
+    bound: bool = False
+    pins: int = 0                                  # segments running with this unit right now
+    pending_grads: int = 0                         # gradients accumulated but not yet applied
+    updated: bool = False                          # weights changed since the last commit
+    future: Future | None = None                   # the in-flight read or write
+    written: object | None = None                  # store record of the newest uncommitted write
+
+
+@dataclass
+class SchedulerStats:
+    reads: int = 0
+    read_bytes: int = 0
+    writes: int = 0
+    write_bytes: int = 0
+    waits_s: float = 0.0                           # time the compute thread waited on I/O
+    peak_resident_bytes: int = 0
+
+
+class Scheduler:
+    """Residency, prefetch and eviction of units under a weights budget."""
+
+    def __init__(
+        self,
+        units: Sequence[Unit],
+        store,
+        pool,
+        weights_budget: int | None,
+        prefetch_depth: int = 2,
+        io_threads: int = 2,
+    ) -> None:
+        self.units = {u.name: u for u in units}
+        self.store = store
+        self.pool = pool
+        self.weights_budget = weights_budget
+        self.prefetch_depth = prefetch_depth
+        self.stats = SchedulerStats()
+        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="lomo-io")
+        self._sequence: list[str] = []
+        self._positions: dict[str, list[int]] = {}
+        self._cursor = -1
+        self._lock = threading.Lock()  # guards stats touched by I/O threads
+
+    # ---- the access sequence -------------------------------------------------------------
+    def begin_pass(self, sequence: Sequence[str]) -> None:
+        """Announce the order in which units will be acquired until the next `begin_pass`."""
+        self._sequence = list(sequence)
+        self._positions = {}
+        for pos, name in enumerate(self._sequence):
+            self._positions.setdefault(name, []).append(pos)
+        self._cursor = -1
+
+    def _next_use(self, name: str) -> int:
+        positions = self._positions.get(name)
+        if not positions:
+            return 1 << 60  # not used by this pass at all
+        for pos in positions:
+            if pos > self._cursor:
+                return pos
+        # Next step repeats this pass: its first use comes after the end of this one.
+        return len(self._sequence) + positions[0]
+
+    def _advance(self, name: str) -> None:
+        for pos in self._positions.get(name, ()):
+            if pos > self._cursor:
+                self._cursor = pos
+                return
+
+    # ---- acquire / release -----------------------------------------------------------------
+    def acquire(self, names: Sequence[str]) -> None:
+        """Make `names` resident with parameters bound, and pin them until `release`."""
+        for name in names:
+            self._advance(name)
+        for name in names:
+            self.units[name].pins += 1  # pin first, so making room for one never evicts another
+        try:
+            for name in names:
+                self._make_resident(self.units[name])
+        except BaseException:
+            for name in names:
+                self.units[name].pins -= 1
+            raise
+        self.prefetch()
+
+    def release(self, names: Sequence[str]) -> None:
+        for name in names:
+            unit = self.units[name]
+            assert unit.pins > 0, f"unit {name} released more often than acquired"
+            unit.pins -= 1
+
+    def _make_resident(self, unit: Unit) -> None:
+        if unit.state is UnitState.ON_DISK:
+            self._start_load(unit, required=True)
+        if unit.state is UnitState.LOADING:
+            self._wait(unit)
+            self._finish_load(unit)
+        if not unit.bound:
+            self._bind(unit)
+
+    # ---- loading ---------------------------------------------------------------------------
+    def _start_load(self, unit: Unit, required: bool) -> bool:
+        if not self._make_room(unit.nbytes, before=self._next_use(unit.name), required=required):
+            return False
+        unit.buffer = self.pool.acquire(unit.nbytes)
+        unit.state = UnitState.LOADING
+        record = unit.written  # a newer uncommitted generation wins over the committed one
+        unit.future = self._io.submit(self._read, unit.name, unit.buffer, record)
+        self._note_resident()
+        return True
+
+    def _read(self, name: str, buffer: torch.Tensor, record) -> None:
+        self.store.read_unit(name, buffer, record) if record is not None else self.store.read_unit(name, buffer)
+        with self._lock:
+            self.stats.reads += 1
+            self.stats.read_bytes += self.units[name].nbytes
+
+    def _finish_load(self, unit: Unit) -> None:
+        assert unit.future is not None
+        unit.future.result()  # re-raises a read or checksum error in the compute thread
+        unit.future = None
+        unit.state = UnitState.RESIDENT
+
+    def _bind(self, unit: Unit) -> None:
+        assert unit.buffer is not None
+        for param, dtype, shape, offset, nbytes in unit.params:
+            bind(param, unit.buffer[offset:offset + nbytes].view(dtype).view(shape))
+        unit.bound = True
+
+    def prefetch(self) -> None:
+        """Start reads for the next units in the sequence while they fit (evicting only later-used units)."""
+        self._reap()
+        started = 0
+        seen: set[str] = set()
+        for pos in range(self._cursor + 1, len(self._sequence)):
+            if started >= self.prefetch_depth:
+                break
+            name = self._sequence[pos]
+            if name in seen:
+                continue
+            seen.add(name)
+            unit = self.units[name]
+            if unit.state is not UnitState.ON_DISK:
+                continue
+            if not self._start_load(unit, required=False):
+                break
+            started += 1
+
+    # ---- eviction --------------------------------------------------------------------------
+    def _resident_bytes(self) -> int:
+        return sum(u.nbytes for u in self.units.values() if u.state is not UnitState.ON_DISK)
+
+    def _note_resident(self) -> None:
+        self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self._resident_bytes())
+
+    def _evictable(self, unit: Unit) -> bool:
+        return (
+            unit.state in (UnitState.RESIDENT, UnitState.WRITING)
+            and unit.pins == 0
+            and unit.pending_grads == 0
+            and not (unit.updated and unit.state is UnitState.RESIDENT and unit.written is None)
+        )
+
+    def _make_room(self, nbytes: int, before: int, required: bool) -> bool:
+        """Free budget for `nbytes`; evict only units next used after position `before`.
+
+        For a required load every unpinned unit may go (it is needed now); for a
+        prefetch only units needed later than the prefetched one, so prefetching
+        never makes the future worse.
+        """
+        if self.weights_budget is None:
+            return True
+        while self._resident_bytes() + nbytes > self.weights_budget:
+            candidates = [u for u in self.units.values() if self._evictable(u)]
+            if not required:
+                candidates = [u for u in candidates if self._next_use(u.name) > before]
+                candidates = [u for u in candidates if u.state is UnitState.RESIDENT]  # never block a prefetch
+            if not candidates:
+                if not required:
+                    return False
+                busy = [u for u in self.units.values() if u.state is UnitState.LOADING and u.pins == 0]
+                if busy:  # a prefetch holds the space: let it land, then reconsider
+                    self._wait(busy[-1])
+                    self._finish_load(busy[-1])
+                    continue
+                pinned = [u.name for u in self.units.values() if u.state is not UnitState.ON_DISK]
+                raise DoesNotFit(
+                    f"weights budget {format_size(self.weights_budget)} cannot hold {format_size(nbytes)} more "
+                    f"while units {', '.join(pinned)} must stay resident; raise the budget to at least "
+                    f"{format_size(self._resident_bytes() + nbytes)}"
+                )
+            victim = max(candidates, key=lambda u: self._next_use(u.name))
+            self._evict(victim)
+        return True
+
+    def _evict(self, unit: Unit) -> None:
+        if unit.state is UnitState.WRITING:
+            self._wait(unit)
+            self._finish_write(unit)
+        if unit.bound:
+            for param, *_ in unit.params:
+                unbind(param)
+            unit.bound = False
+        self.pool.release(unit.buffer)
+        unit.buffer = None
+        unit.state = UnitState.ON_DISK
+
+    # ---- write-back, commit, rollback ------------------------------------------------------
+    def write_back(self, name: str, generation: int) -> None:
+        """Start writing an updated unit as a new (uncommitted) generation."""
+        unit = self.units[name]
+        assert unit.state is UnitState.RESIDENT and unit.buffer is not None
+        unit.state = UnitState.WRITING
+        unit.future = self._io.submit(self._write, name, unit.buffer, generation)
+
+    def _write(self, name: str, buffer: torch.Tensor, generation: int):
+        record = self.store.write_unit(name, buffer, generation)
+        with self._lock:
+            self.stats.writes += 1
+            self.stats.write_bytes += self.units[name].nbytes
+        return record
+
+    def _finish_write(self, unit: Unit) -> None:
+        assert unit.future is not None
+        unit.written = unit.future.result()
+        unit.future = None
+        unit.state = UnitState.RESIDENT
+
+    def _reap(self) -> None:
+        for unit in self.units.values():
+            if unit.future is not None and unit.future.done():
+                if unit.state is UnitState.WRITING:
+                    self._finish_write(unit)
+                elif unit.state is UnitState.LOADING:
+                    self._finish_load(unit)
+
+    def _wait(self, unit: Unit) -> None:
+        import time
+
+        assert unit.future is not None
+        start = time.perf_counter()
+        try:
+            unit.future.result()
+        except BaseException:
+            pass  # raised again by _finish_load/_finish_write
+        self.stats.waits_s += time.perf_counter() - start
+
+    def drain(self) -> None:
+        """Wait for every read and write in flight."""
+        for unit in self.units.values():
+            if unit.future is not None:
+                self._wait(unit)
+                if unit.state is UnitState.WRITING:
+                    self._finish_write(unit)
+                else:
+                    self._finish_load(unit)
+
+    def written_records(self) -> dict[str, object]:
+        """Records of units written since the last commit (what the next commit must name)."""
+        return {u.name: u.written for u in self.units.values() if u.written is not None}
+
+    def committed(self) -> None:
+        """The store committed every written record: units are clean again."""
+        for unit in self.units.values():
+            unit.written = None
+            unit.updated = False
+
+    def rollback(self) -> None:
+        """Forget every update since the last commit: changed units are dropped and re-read."""
+        self.drain()
+        for unit in self.units.values():
+            if unit.updated or unit.written is not None:
+                if unit.state is not UnitState.ON_DISK:
+                    unit.pins = 0
+                    self._evict(unit)
+                unit.updated = False
+                unit.written = None
+            unit.pending_grads = 0
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._io.shutdown(wait=True)
+            for unit in self.units.values():
+                if unit.state is not UnitState.ON_DISK:
+                    unit.pins = 0
+                    unit.pending_grads = 0
+                    if unit.bound:
+                        for param, *_ in unit.params:
+                            unbind(param)
+                        unit.bound = False
+                    self.pool.release(unit.buffer)
+                    unit.buffer = None
+                    unit.state = UnitState.ON_DISK

@@ -1,0 +1,141 @@
+"""Streamed, checkpointed execution of the model's unit modules.
+
+A *segment* is one module call that belongs to a unit: `model.layers.3` for
+block 3, `model.norm` and `lm_head` for the head, `wte` and `wpe` for GPT-2's
+embedding. Each segment module's `forward` is wrapped so that, with grad
+enabled, it runs as `_SegmentFunction`, a reentrant activation checkpoint:
+
+* forward: acquire the units the segment needs, run the original forward
+  without building a graph, keep only its inputs, release the units;
+* backward: acquire the units again, recompute the forward with grad from the
+  saved inputs, backpropagate through it (the parameters' post-accumulate
+  hooks apply the update rule right there), release, return input gradients.
+
+The unit's parameters are not inputs of the function, so the outer autograd
+graph never holds them: weights can leave memory between forward and backward.
+A zero-size tensor that requires grad is passed as an extra input so backward
+runs even for the embedding, whose only real input is integer token ids.
+
+With grad disabled (evaluation, generation) a segment just runs with its units
+acquired.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+
+@dataclass
+class Segment:
+    """One wrapped module call."""
+
+    path: str                    # module path inside the HF model, e.g. "model.layers.0"
+    owner: str                   # the unit it belongs to
+    needs: list[str]             # units whose parameters it reads (owner, plus e.g. "embed" for a tied lm_head)
+    module: nn.Module
+    forward: Callable[..., Any]  # the module's original bound forward
+    params: list[nn.Parameter] = field(default_factory=list)
+
+
+class SegmentHooks:
+    """What a segment calls back into (the runtime implements it)."""
+
+    def segment_forward_begin(self, segment: Segment, grad: bool) -> None: ...
+    def segment_forward_end(self, segment: Segment, grad: bool) -> None: ...
+    def segment_backward_begin(self, segment: Segment) -> None: ...
+    def segment_backward_end(self, segment: Segment) -> None: ...
+
+
+class _SegmentFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, segment: Segment, hooks: SegmentHooks, spec, layout: "_OutLayout", _anchor: torch.Tensor, *flat: Any):  # type: ignore[override]
+        ctx.segment, ctx.hooks, ctx.spec = segment, hooks, spec
+        ctx.rng_state = torch.get_rng_state()
+        ctx.cuda_rng_state = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        tensor_idx = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+        ctx.tensor_idx = tensor_idx
+        ctx.others = [None if isinstance(x, torch.Tensor) else x for x in flat]
+        ctx.save_for_backward(*[flat[i] for i in tensor_idx])
+        args, kwargs = pytree.tree_unflatten(list(flat), spec)
+        hooks.segment_forward_begin(segment, grad=True)
+        try:
+            out = segment.forward(*args, **kwargs)
+        finally:
+            hooks.segment_forward_end(segment, grad=True)
+        out_flat, out_spec = pytree.tree_flatten(out)
+        # apply() returns only tensors; the wrapper rebuilds the output structure from `layout`.
+        layout.spec = out_spec
+        layout.others = [None if isinstance(x, torch.Tensor) else x for x in out_flat]
+        layout.is_tensor = [isinstance(x, torch.Tensor) for x in out_flat]
+        tensors = tuple(x for x in out_flat if isinstance(x, torch.Tensor))
+        ctx.mark_non_differentiable(*[t for t in tensors if not t.is_floating_point()])
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grad_outputs: torch.Tensor):  # type: ignore[override]
+        segment, hooks = ctx.segment, ctx.hooks
+        saved = ctx.saved_tensors
+        flat = list(ctx.others)
+        needs_grad = []
+        for slot, (i, t) in enumerate(zip(ctx.tensor_idx, saved)):
+            detached = t.detach()
+            wants = ctx.needs_input_grad[_LEADING + i] and t.is_floating_point()
+            detached.requires_grad_(wants)
+            if wants:
+                needs_grad.append((i, detached))
+            flat[i] = detached
+        args, kwargs = pytree.tree_unflatten(flat, ctx.spec)
+        hooks.segment_backward_begin(segment)
+        try:
+            with torch.random.fork_rng(devices=[] if ctx.cuda_rng_state is None else [torch.cuda.current_device()]):
+                torch.set_rng_state(ctx.rng_state)
+                if ctx.cuda_rng_state is not None:
+                    torch.cuda.set_rng_state(ctx.cuda_rng_state)
+                with torch.enable_grad():
+                    out = segment.forward(*args, **kwargs)
+            outs = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+            pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        finally:
+            hooks.segment_backward_end(segment)
+        grads: list[torch.Tensor | None] = [None] * len(flat)
+        for i, detached in needs_grad:
+            grads[i] = detached.grad
+        return (*([None] * _LEADING), *grads)
+
+
+_LEADING = 5  # segment, hooks, spec, layout, anchor come before the flattened inputs
+
+
+@dataclass
+class _OutLayout:
+    """How to rebuild a segment's output from the tensors `apply` returns."""
+
+    spec: Any = None
+    is_tensor: list[bool] = field(default_factory=list)
+    others: list[Any] = field(default_factory=list)
+
+
+def wrap_segment(segment: Segment, hooks: SegmentHooks) -> None:
+    """Replace the segment module's forward by the streamed, checkpointed one."""
+    anchor = torch.empty(0, requires_grad=True)
+
+    def streamed_forward(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            hooks.segment_forward_begin(segment, grad=False)
+            try:
+                return segment.forward(*args, **kwargs)
+            finally:
+                hooks.segment_forward_end(segment, grad=False)
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        layout = _OutLayout()
+        tensors = iter(_SegmentFunction.apply(segment, hooks, spec, layout, anchor, *flat))
+        leaves = [next(tensors) if is_tensor else other for is_tensor, other in zip(layout.is_tensor, layout.others)]
+        return pytree.tree_unflatten(leaves, layout.spec)
+
+    segment.module.forward = streamed_forward  # type: ignore[method-assign]
