@@ -1,0 +1,631 @@
+"""The working store: a model's units on disk, in generations, behind an atomically committed manifest.
+
+Layout of a store directory::
+
+    work_dir/
+      lock                    flock'ed for the store's lifetime; holds the owner's pid
+      manifest.json           the committed state: step, meta, one record per unit
+      units/<unit>.g<N>.bin   one file per unit per generation
+
+Invariants:
+
+- Every tensor slot starts at a 4 KiB-aligned offset in its unit file and every
+  unit file's size is a multiple of 4096, so a whole unit is read with one
+  O_DIRECT request and no over-read. Padding bytes are zero.
+- ``manifest.json`` names exactly one generation per unit; all of them belong
+  to the committed step. A commit writes ``manifest.json.tmp``, fsyncs it,
+  renames it over ``manifest.json`` and fsyncs the directory: after a crash at
+  any instant the store holds either the old or the new step, never a mix.
+- A generation file is written (and fsynced) before any manifest names it, and
+  the file it supersedes is deleted only after the commit. Files that the
+  committed manifest does not name (an uncommitted or dropped step, a crash
+  between rename and cleanup) are deleted when the store is opened.
+- Every unit read checks the file size and the zlib CRC-32 of the whole file
+  against the manifest (CRC-32 runs at ~3.3 GB/s here and releases the GIL;
+  reads run at 1.2-1.4 GB/s) and names the unit and file on a mismatch.
+- One process owns a store at a time: ``flock(LOCK_EX | LOCK_NB)`` on
+  ``work_dir/lock``. The kernel drops the lock when its holder dies, so a killed
+  run never leaves a stale lock. (A child forked while the store is open shares
+  the lock until it exits.)
+- Constructors touch nothing but the store they name: ``create`` refuses a
+  non-empty directory that is not a store, and ``open`` deletes only files
+  inside ``units/`` that match the generation-file pattern.
+"""
+from __future__ import annotations
+
+import copy
+import errno
+import fcntl
+import json
+import math
+import os
+import re
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from .errors import StoreError
+from .io import ALIGN, align_up, aligned_empty, read_into, write_file
+
+FORMAT = "lomo-run working store"
+VERSION = 1
+MANIFEST = "manifest.json"
+LOCK = "lock"
+UNITS_DIR = "units"
+
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+"""torch dtype -> safetensors dtype string, the spelling the manifest uses."""
+DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+_UNIT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_GENERATION_FILE = re.compile(r"^(?P<unit>[A-Za-z0-9_][A-Za-z0-9_.\-]*)\.g(?P<gen>[0-9]+)\.bin$")
+
+TensorLoader = Callable[[], torch.Tensor]
+UnitSource = tuple[str, Sequence[tuple[str, TensorLoader]]]
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one tensor lives in its unit file: ``offset`` is 4 KiB-aligned, ``nbytes`` exact."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "offset": self.offset, "nbytes": self.nbytes}
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> "TensorSlot":
+        return TensorSlot(str(d["name"]), str(d["dtype"]), tuple(int(x) for x in d["shape"]), int(d["offset"]), int(d["nbytes"]))
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    """One generation of one unit: its file (relative to the store), size, CRC-32 and layout."""
+
+    name: str
+    generation: int
+    file: str
+    nbytes: int
+    checksum: int
+    tensors: tuple[TensorSlot, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "generation": self.generation,
+            "file": self.file,
+            "nbytes": self.nbytes,
+            "checksum": self.checksum,
+            "tensors": [slot.to_json() for slot in self.tensors],
+        }
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> "UnitRecord":
+        return UnitRecord(
+            str(d["name"]),
+            int(d["generation"]),
+            str(d["file"]),
+            int(d["nbytes"]),
+            int(d["checksum"]),
+            tuple(TensorSlot.from_json(t) for t in d["tensors"]),
+        )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors spelling of a torch dtype ("F32", "BF16", ...)."""
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} cannot be stored") from None
+
+
+def layout(entries: Sequence[tuple[str, str, Sequence[int]]]) -> tuple[tuple[TensorSlot, ...], int]:
+    """Lay tensors ``(name, dtype string, shape)`` out back to back, each at a 4 KiB boundary.
+
+    Returns the slots and the unit's file size (a multiple of 4096). Padding costs
+    at most 4095 bytes per tensor: for a Llama block (9 tensors) under 36 KiB.
+    """
+    slots: list[TensorSlot] = []
+    offset = 0
+    for name, dtype, shape in entries:
+        if dtype not in DTYPES:
+            raise ValueError(f"tensor {name}: unknown dtype {dtype!r}")
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        slots.append(TensorSlot(name, dtype, tuple(int(s) for s in shape), offset, nbytes))
+        offset = align_up(offset + nbytes)
+    return tuple(slots), offset
+
+
+def _check_slots(slots: Sequence[TensorSlot], where: str) -> int:
+    """Validate a layout (aligned, ordered, disjoint, sizes matching dtype x shape); return the file size."""
+    end = 0
+    seen: set[str] = set()
+    for slot in slots:
+        if slot.name in seen:
+            raise ValueError(f"{where}: tensor {slot.name} appears twice")
+        seen.add(slot.name)
+        if slot.dtype not in DTYPES:
+            raise ValueError(f"{where}: tensor {slot.name} has unknown dtype {slot.dtype!r}")
+        if slot.nbytes != math.prod(slot.shape) * DTYPES[slot.dtype].itemsize:
+            raise ValueError(f"{where}: tensor {slot.name} is {slot.nbytes} bytes, its dtype and shape say otherwise")
+        if slot.offset % ALIGN or slot.offset < end:
+            raise ValueError(f"{where}: tensor {slot.name} at offset {slot.offset} is unaligned or overlaps")
+        end = slot.offset + slot.nbytes
+    return align_up(end)
+
+
+def tensor_views(buf: torch.Tensor, slots: Sequence[TensorSlot]) -> dict[str, torch.Tensor]:
+    """Typed, shaped views of a unit buffer (no copies): name -> tensor."""
+    views: dict[str, torch.Tensor] = {}
+    for slot in slots:
+        raw = buf[slot.offset : slot.offset + slot.nbytes]
+        views[slot.name] = raw.view(DTYPES[slot.dtype]).reshape(slot.shape)
+    return views
+
+
+def pack_tensors(buf: torch.Tensor, slots: Sequence[TensorSlot], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into their slots of ``buf`` (dtype and shape must match exactly) and zero the padding."""
+    views = tensor_views(buf, slots)
+    for slot in slots:
+        src = tensors[slot.name]
+        if DTYPE_NAMES.get(src.dtype) != slot.dtype or tuple(src.shape) != slot.shape:
+            raise ValueError(f"tensor {slot.name}: got {src.dtype} {tuple(src.shape)}, slot is {slot.dtype} {slot.shape}")
+        views[slot.name].copy_(src)
+    _zero_padding(buf, slots, _check_slots(slots, "pack_tensors"))
+
+
+def _zero_padding(buf: torch.Tensor, slots: Sequence[TensorSlot], nbytes: int) -> None:
+    start = 0
+    for slot in slots:
+        if slot.offset > start:
+            buf[start : slot.offset].zero_()
+        start = slot.offset + slot.nbytes
+    if nbytes > start:
+        buf[start:nbytes].zero_()
+
+
+def _crc32(buf: torch.Tensor, nbytes: int) -> int:
+    if nbytes == 0:
+        return 0
+    return zlib.crc32(memoryview(buf.numpy())[:nbytes])
+
+
+def _generation_file(unit: str, generation: int) -> str:
+    return f"{UNITS_DIR}/{unit}.g{generation}.bin"
+
+
+# ---------------------------------------------------------------- lock and files
+
+
+def _acquire_lock(work: Path) -> int:
+    """flock ``work/lock`` exclusively without waiting; write our pid into it; return the fd."""
+    path = work / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreError(f"store {work} is in use by pid {holder}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _read_manifest(work: Path) -> dict[str, Any]:
+    path = work / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
+        if data.get("version") != VERSION:
+            raise ValueError(f"version {data.get('version')!r}; this lomo-run reads version {VERSION}")
+        units = [UnitRecord.from_json(u) for u in data["units"]]
+        step = int(data["step"])
+        meta = data.get("meta", {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"{path} is damaged or not a lomo-run manifest: {e}") from e
+    for rec in units:
+        if rec.file != _generation_file(rec.name, rec.generation):
+            raise StoreError(f"{path} is damaged: unit {rec.name} names file {rec.file!r}")
+        try:
+            nbytes = _check_slots(rec.tensors, f"unit {rec.name}")
+        except ValueError as e:
+            raise StoreError(f"{path} is damaged: {e}") from e
+        if nbytes != rec.nbytes:
+            raise StoreError(f"{path} is damaged: unit {rec.name} is {rec.nbytes} bytes, its layout needs {nbytes}")
+    return {"step": step, "meta": meta, "units": units}
+
+
+def _directory_state(work: Path) -> str:
+    """"empty" (nothing, or only leftovers of a create that never committed), "store", or "foreign"."""
+    names = set(os.listdir(work))
+    if MANIFEST in names:
+        try:
+            _read_manifest(work)
+            return "store"
+        except StoreError:
+            return "foreign"
+    if not names <= {LOCK, UNITS_DIR, MANIFEST + ".tmp"}:
+        return "foreign"
+    units = work / UNITS_DIR
+    if units.exists() and (not units.is_dir() or any(not _GENERATION_FILE.match(n) for n in os.listdir(units))):
+        return "foreign"
+    return "empty"
+
+
+# ---------------------------------------------------------------- the store
+
+
+class WorkingStore:
+    """A model's units on disk with generations, checksums and atomic commits.
+
+    Build one with ``WorkingStore.create`` or ``WorkingStore.open``; the
+    constructor itself only records its arguments. ``write_unit`` and
+    ``read_unit`` may run on background threads; ``commit`` and
+    ``discard_uncommitted`` must not race with a ``write_unit`` of the same unit.
+    """
+
+    def __init__(self, work_dir: Path, lock_fd: int, direct: bool) -> None:
+        self.dir = work_dir
+        self.direct = direct
+        self._lock_fd: int | None = lock_fd
+        self._state = threading.Lock()
+        self._step = -1
+        self._meta: dict[str, Any] = {}
+        self._units: dict[str, UnitRecord] = {}
+        # Written but not committed: unit -> generation -> record.
+        self._pending: dict[str, dict[int, UnitRecord]] = {}
+
+    # -- constructors --------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        work_dir: str | os.PathLike,
+        units: Sequence[UnitSource],
+        meta: Mapping[str, Any],
+        *,
+        overwrite: bool = False,
+        direct: bool = True,
+    ) -> "WorkingStore":
+        """Write a new store in ``work_dir`` from ``(unit name, [(tensor name, loader), ...])`` and commit it as step 0.
+
+        Each loader is called once and returns the tensor to store (dtype as
+        stored: convert in the loader). One unit is loaded and packed at a time,
+        so peak memory is about twice the largest unit. ``meta`` (JSON-able: the
+        model config, the source directory, ...) goes into the manifest.
+
+        ``work_dir`` may be missing or empty. A directory holding a store is
+        replaced only with ``overwrite=True`` (atomically: the old store stays
+        valid until the new manifest is committed); any other non-empty
+        directory is refused with ``StoreError``.
+        """
+        work = Path(work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        state = _directory_state(work)
+        if state == "foreign":
+            raise StoreError(f"{work} is not empty and is not a lomo-run store; choose an empty or new directory")
+        if state == "store" and not overwrite:
+            raise StoreError(f"{work} already holds a store; open it to resume, or create with overwrite=True to replace it")
+        names = [name for name, _ in units]
+        for name in names:
+            if not _UNIT_NAME.match(name):
+                raise ValueError(f"unit name {name!r} is not a plain file name")
+        if len(set(names)) != len(names):
+            raise ValueError("unit names must be unique")
+        json.dumps(dict(meta))  # fail before writing anything if meta is not JSON-able
+
+        store = cls(work, _acquire_lock(work), direct)
+        try:
+            (work / UNITS_DIR).mkdir(exist_ok=True)
+            # New files never reuse a name an existing (or half-written) file has.
+            generation = 1 + max((int(m["gen"]) for m in store._generation_files()), default=-1)
+            records: dict[str, UnitRecord] = {}
+            for name, sources in units:
+                loaded = {tensor_name: load() for tensor_name, load in sources}
+                slots, nbytes = layout([(t, dtype_name(v.dtype), tuple(v.shape)) for t, v in loaded.items()])
+                buf = aligned_empty(nbytes)
+                pack_tensors(buf, slots, loaded)
+                del loaded
+                records[name] = store._write(name, buf, generation, slots)
+                del buf
+            store._publish(0, records, dict(meta))
+            store._pending.clear()
+            store._delete_unreferenced()
+        except BaseException:
+            store.discard_uncommitted()
+            store.close()
+            raise
+        return store
+
+    @classmethod
+    def open(cls, work_dir: str | os.PathLike, *, direct: bool = True) -> "WorkingStore":
+        """Open an existing store: take its lock, load the manifest, check every unit file's
+        size, and delete generation files the manifest does not name (an uncommitted step)."""
+        work = Path(work_dir)
+        if not (work / MANIFEST).is_file():
+            raise StoreError(f"{work} is not a lomo-run store (no {MANIFEST})")
+        store = cls(work, _acquire_lock(work), direct)
+        try:
+            manifest = _read_manifest(work)
+            store._step = manifest["step"]
+            store._meta = manifest["meta"]
+            store._units = {rec.name: rec for rec in manifest["units"]}
+            for rec in store._units.values():
+                store._check_file(rec)
+            store._delete_unreferenced()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """The committed step (0 right after ``create``)."""
+        return self._step
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The committed ``meta`` (a copy)."""
+        return copy.deepcopy(self._meta)
+
+    @property
+    def units(self) -> dict[str, UnitRecord]:
+        """The committed record of each unit, in creation order (a copy)."""
+        with self._state:
+            return dict(self._units)
+
+    @property
+    def max_unit_nbytes(self) -> int:
+        """The largest committed unit file: the staging buffer one unit read needs."""
+        return max((rec.nbytes for rec in self.units.values()), default=0)
+
+    def tensor_slots(self, name: str) -> tuple[TensorSlot, ...]:
+        """The committed layout of unit ``name``."""
+        return self._record(name).tensors
+
+    # -- reads ---------------------------------------------------------------
+
+    def read_unit(self, name: str, buf: torch.Tensor, record: UnitRecord | None = None, *, verify: bool = True) -> UnitRecord:
+        """Read unit ``name`` (its committed generation, or ``record``) into ``buf[:nbytes]``.
+
+        ``buf`` should come from ``aligned_empty``/``StagingPool`` so the read is
+        direct. Checks the file size and (``verify``) the CRC-32; a mismatch raises
+        ``StoreError`` naming the unit and the file. Returns the record read.
+        """
+        rec = record if record is not None else self._record(name)
+        path = self._check_file(rec)
+        try:
+            read_into(path, 0, buf, rec.nbytes, direct=self.direct)
+        except StoreError as e:
+            raise StoreError(f"unit {name}: {e}") from e
+        if verify:
+            crc = _crc32(buf, rec.nbytes)
+            if crc != rec.checksum:
+                raise StoreError(
+                    f"unit {name}: checksum mismatch in {path} (expected {rec.checksum:08x}, "
+                    f"read {crc:08x}); the working store is damaged"
+                )
+        return rec
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(tensor name, tensor)`` of the committed generation, unit by unit (for export).
+
+        Each unit is read into a fresh buffer and its tensors are views of it, so
+        memory is one unit plus whatever the consumer keeps.
+        """
+        for name, rec in self.units.items():
+            buf = aligned_empty(rec.nbytes)
+            self.read_unit(name, buf, rec)
+            yield from tensor_views(buf, rec.tensors).items()
+            del buf
+
+    # -- writes and commits --------------------------------------------------
+
+    def write_unit(
+        self, name: str, buf: torch.Tensor, generation: int, tensors: Sequence[TensorSlot] | None = None
+    ) -> UnitRecord:
+        """Write ``buf`` as generation ``generation`` of unit ``name`` (fsynced, not yet committed).
+
+        ``generation`` must exceed the committed one. ``tensors`` gives a new
+        layout (e.g. optimizer state beside the weights); default: the committed
+        layout. The padding between slots in ``buf`` is zeroed. Safe to call from a
+        background thread. Pass the returned record to ``commit``.
+        """
+        committed = self._record(name)
+        if generation <= committed.generation:
+            raise ValueError(f"unit {name}: generation {generation} is not newer than the committed {committed.generation}")
+        slots = committed.tensors if tensors is None else tuple(tensors)
+        return self._write(name, buf, generation, slots)
+
+    def _write(self, name: str, buf: torch.Tensor, generation: int, slots: tuple[TensorSlot, ...]) -> UnitRecord:
+        nbytes = _check_slots(slots, f"unit {name}")
+        if buf.numel() < nbytes:
+            raise ValueError(f"unit {name}: buffer holds {buf.numel()} bytes, the layout needs {nbytes}")
+        _zero_padding(buf, slots, nbytes)
+        rec = UnitRecord(name, generation, _generation_file(name, generation), nbytes, _crc32(buf, nbytes), slots)
+        with self._state:
+            self._check_open()
+            # Registered before the file exists, so discard_uncommitted also removes a half-written one.
+            self._pending.setdefault(name, {})[generation] = rec
+        write_file(self.dir / rec.file, buf, nbytes, direct=self.direct)
+        return rec
+
+    def commit(self, step: int, records: Mapping[str, UnitRecord], meta: Mapping[str, Any] | None = None) -> None:
+        """Make ``step`` durable in one atomic act: units in ``records`` move to their new
+        generation, the others keep theirs; ``meta`` replaces the stored meta when given.
+
+        Afterwards the superseded files (and other uncommitted generations of the
+        committed units) are deleted.
+        """
+        with self._state:
+            self._check_open()
+            new_units = dict(self._units)
+            for name, rec in records.items():
+                if name not in new_units or rec.name != name:
+                    raise ValueError(f"commit: record for {name!r} does not match a unit of this store")
+                if rec != new_units[name] and self._pending.get(name, {}).get(rec.generation) != rec:
+                    raise ValueError(f"commit: unit {name} generation {rec.generation} was not written by write_unit")
+                new_units[name] = rec
+            new_meta = self._meta if meta is None else dict(meta)
+            old_units = self._units
+            self._publish(step, new_units, new_meta)
+            for name, rec in records.items():
+                if old_units[name].file != rec.file:
+                    _unlink(self.dir / old_units[name].file)
+                for other in self._pending.pop(name, {}).values():
+                    if other.file != rec.file:
+                        _unlink(self.dir / other.file)
+
+    def _publish(self, step: int, units: Mapping[str, UnitRecord], meta: dict[str, Any]) -> None:
+        """Write the manifest atomically (tmp, fsync, rename, fsync dir) and adopt it as committed."""
+        data = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": int(step),
+            "meta": meta,
+            "units": [rec.to_json() for rec in units.values()],
+        }
+        text = json.dumps(data, indent=1).encode()
+        tmp = self.dir / (MANIFEST + ".tmp")
+        try:
+            # The new unit files' directory entries must be durable before a manifest names them.
+            _fsync_dir(self.dir / UNITS_DIR)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                done = 0
+                while done < len(text):
+                    done += os.write(fd, text[done:])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.dir / MANIFEST)
+            _fsync_dir(self.dir)
+        except OSError as e:
+            raise StoreError(f"commit of step {step} to {self.dir} failed: {e}") from e
+        self._step = int(step)
+        self._meta = meta
+        self._units = dict(units)
+
+    def discard_uncommitted(self) -> int:
+        """Delete every generation written since the last commit (a dropped step); return how many."""
+        with self._state:
+            dropped = [rec for gens in self._pending.values() for rec in gens.values()]
+            self._pending.clear()
+        for rec in dropped:
+            _unlink(self.dir / rec.file)
+        return len(dropped)
+
+    # -- housekeeping ----------------------------------------------------------
+
+    def _record(self, name: str) -> UnitRecord:
+        with self._state:
+            self._check_open()
+            try:
+                return self._units[name]
+            except KeyError:
+                raise ValueError(f"store {self.dir} has no unit {name!r}") from None
+
+    def _check_open(self) -> None:
+        if self._lock_fd is None:
+            raise StoreError(f"store {self.dir} is closed")
+
+    def _check_file(self, rec: UnitRecord) -> Path:
+        path = self.dir / rec.file
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise StoreError(f"unit {rec.name}: file {path} is missing from the working store") from None
+        if size != rec.nbytes:
+            raise StoreError(f"unit {rec.name}: file {path} holds {size} bytes, the manifest says {rec.nbytes}")
+        return path
+
+    def _generation_files(self) -> list[re.Match[str]]:
+        units = self.dir / UNITS_DIR
+        if not units.is_dir():
+            return []
+        return [m for m in map(_GENERATION_FILE.match, os.listdir(units)) if m]
+
+    def _delete_unreferenced(self) -> int:
+        """Delete generation files the committed manifest does not name, and a stale tmp manifest."""
+        referenced = {Path(rec.file).name for rec in self._units.values()}
+        deleted = 0
+        for match in self._generation_files():
+            if match.string not in referenced:
+                deleted += _unlink(self.dir / UNITS_DIR / match.string)
+        _unlink(self.dir / (MANIFEST + ".tmp"))
+        return deleted
+
+    def close(self) -> None:
+        """Release the lock. Uncommitted generation files stay until the next ``open`` deletes them."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            try:
+                os.ftruncate(fd, 0)
+            except OSError as e:  # pragma: no cover - the lock still goes with the fd
+                if e.errno != errno.EBADF:
+                    raise
+            finally:
+                os.close(fd)  # closing the last fd of the open file drops the flock
+
+    def __enter__(self) -> "WorkingStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._lock_fd is None else f"step {self._step}, {len(self._units)} units"
+        return f"WorkingStore({str(self.dir)!r}, {state})"
