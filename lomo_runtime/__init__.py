@@ -1,2 +1,24 @@
-"""lomo-run: full-parameter fine-tuning with fused LOMO updates and streamed weights."""
+"""lomo-run: full-parameter fine-tuning with fused LOMO updates and streamed weights.
+
+The library face is `Runtime` with an update rule (`SGD`); both are imported
+lazily so `lomo-run --help` and the checkpoint tools start without torch's
+autograd machinery.
+"""
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["Runtime", "SGD", "StepResult"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Runtime", "StepResult"):
+        from . import runtime
+
+        return getattr(runtime, name)
+    if name == "SGD":
+        from .rules import SGD
+
+        return SGD
+    raise AttributeError(f"module 'lomo_runtime' has no attribute {name!r}")

@@ -234,11 +234,14 @@ class Scheduler:
                     self._wait(busy[-1])
                     self._finish_load(busy[-1])
                     continue
-                pinned = [u.name for u in self.units.values() if u.state is not UnitState.ON_DISK]
+                held = [
+                    f"{u.name} ({'pending gradient' if u.pending_grads else 'in use'})"
+                    for u in self.units.values() if u.state is not UnitState.ON_DISK
+                ]
                 raise DoesNotFit(
-                    f"weights budget {format_size(self.weights_budget)} cannot hold {format_size(nbytes)} more "
-                    f"while units {', '.join(pinned)} must stay resident; raise the budget to at least "
-                    f"{format_size(self._resident_bytes() + nbytes)}"
+                    f"weights budget {format_size(self.weights_budget)} cannot hold a unit of {format_size(nbytes)}"
+                    + (f" beside {', '.join(held)}" if held else "")
+                    + f"; raise the budget to at least {format_size(self._resident_bytes() + nbytes)}"
                 )
             victim = max(candidates, key=lambda u: self._next_use(u.name))
             self._evict(victim)

@@ -132,6 +132,11 @@ def wrap_segment(segment: Segment, hooks: SegmentHooks) -> None:
                 return segment.forward(*args, **kwargs)
             finally:
                 hooks.segment_forward_end(segment, grad=False)
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise RuntimeError(
+                f"{segment.path}: a KV cache cannot be used with grad enabled (the checkpointed recompute "
+                "would update it twice); pass use_cache=False for training"
+            )
         flat, spec = pytree.tree_flatten((args, kwargs))
         layout = _OutLayout()
         tensors = iter(_SegmentFunction.apply(segment, hooks, spec, layout, anchor, *flat))

@@ -49,6 +49,10 @@ def build_skeleton(model_dir: str, dtype: torch.dtype, attn_implementation: str 
 
     config = AutoConfig.from_pretrained(model_dir)
     config._attn_implementation = attn_implementation
+    # A KV cache is state the forward mutates: recomputing a segment in backward
+    # would append the same keys twice. Training never needs one; generation
+    # (grad disabled, no recompute) may still pass use_cache=True explicitly.
+    config.use_cache = False
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     replaced: dict[int, nn.Parameter] = {}
