@@ -97,7 +97,8 @@ def test_unknown_model_type_lists_supported() -> None:
 
 
 @pytest.mark.parametrize("key,value", [("hidden_size", 30), ("num_key_value_heads", 3), ("num_hidden_layers", 0),
-                                       ("vocab_size", "128"), ("tie_word_embeddings", "yes")])
+                                       ("vocab_size", "128"), ("tie_word_embeddings", "yes"),
+                                       ("intermediate_size", None)])
 def test_bad_dimensions_name_the_key(key: str, value: object) -> None:
     cfg = tiny_config("llama").to_dict()
     cfg.pop("head_dim", None)

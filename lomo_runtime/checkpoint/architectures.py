@@ -54,32 +54,38 @@ class ParamShapes:
     head: dict[str, Shape]
 
 
-# Canonical dimension -> (config.json key, default when absent; None = required).
-_LLAMA_KEYS: dict[str, tuple[str, Any]] = {
-    "vocab_size": ("vocab_size", None),
-    "hidden_size": ("hidden_size", None),
-    "num_layers": ("num_hidden_layers", None),
-    "num_heads": ("num_attention_heads", None),
-    "num_kv_heads": ("num_key_value_heads", None),  # None -> num_heads (no GQA), as LlamaConfig does
-    "head_dim": ("head_dim", None),  # None -> hidden_size // num_heads
-    "intermediate_size": ("intermediate_size", None),
-    "max_positions": ("max_position_embeddings", None),
+# Markers for a dimension's default: REQUIRED means config.json must give it;
+# DERIVED means it follows from other dimensions as transformers derives it.
+REQUIRED = object()
+DERIVED = object()
+
+# Canonical dimension -> (config.json key or None when the family has none, default).
+_LLAMA_KEYS: dict[str, tuple[str | None, Any]] = {
+    "vocab_size": ("vocab_size", REQUIRED),
+    "hidden_size": ("hidden_size", REQUIRED),
+    "num_layers": ("num_hidden_layers", REQUIRED),
+    "num_heads": ("num_attention_heads", REQUIRED),
+    "num_kv_heads": ("num_key_value_heads", DERIVED),  # -> num_heads (no GQA), as LlamaConfig does
+    "head_dim": ("head_dim", DERIVED),  # -> hidden_size // num_heads
+    "intermediate_size": ("intermediate_size", REQUIRED),
+    "max_positions": ("max_position_embeddings", REQUIRED),
     "tied": ("tie_word_embeddings", False),
     "attention_bias": ("attention_bias", False),
     "mlp_bias": ("mlp_bias", False),
 }
-_GPT2_KEYS: dict[str, tuple[str, Any]] = {
+# GPT-2 configs on the hub rely on GPT2Config's defaults (the 124M model's).
+_GPT2_KEYS: dict[str, tuple[str | None, Any]] = {
     "vocab_size": ("vocab_size", 50257),
     "hidden_size": ("n_embd", 768),
     "num_layers": ("n_layer", 12),
     "num_heads": ("n_head", 12),
-    "num_kv_heads": ("n_head", 12),
-    "head_dim": ("head_dim", None),
-    "intermediate_size": ("n_inner", None),  # None -> 4 * n_embd, as GPT2MLP does
+    "num_kv_heads": (None, DERIVED),
+    "head_dim": (None, DERIVED),  # GPT2Attention always splits n_embd evenly
+    "intermediate_size": ("n_inner", DERIVED),  # -> 4 * n_embd, as GPT2MLP does
     "max_positions": ("n_positions", 1024),
     "tied": ("tie_word_embeddings", True),
 }
-_OPTIONAL_DIMS = {"num_kv_heads", "head_dim", "intermediate_size"}
+_FLAGS = {"tied", "attention_bias", "mlp_bias"}
 
 
 def _llama_shapes(d: ModelDims, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> ParamShapes:
@@ -134,7 +140,7 @@ class Architecture:
 
     name: str
     model_types: tuple[str, ...]
-    config_keys: Mapping[str, tuple[str, Any]]
+    config_keys: Mapping[str, tuple[str | None, Any]]
     embed_modules: tuple[str, ...]  # module paths of the embed unit, in call order
     block_modules: str  # "model.layers": block i is "model.layers.{i}"
     head_modules: tuple[str, ...]  # final norm, then lm_head
@@ -156,18 +162,17 @@ class Architecture:
         """Resolve and check the dimensions in `config`; `UserError` naming `path` and the key if bad."""
         raw: dict[str, Any] = {}
         for dim, (key, default) in self.config_keys.items():
-            value = config.get(key)
+            value = config.get(key) if key is not None else None
             if value is None:
-                value = default
-            if value is None and dim not in _OPTIONAL_DIMS:
-                raise UserError(f"{path}: '{key}' is missing; a {self.name} config needs it")
-            if value is not None:
-                want_bool = isinstance(default, bool) or dim in ("tied", "attention_bias", "mlp_bias")
-                ok = isinstance(value, bool) if want_bool else (
-                    isinstance(value, int) and not isinstance(value, bool) and value > 0)
-                if not ok:
-                    kind = "true or false" if want_bool else "a positive integer"
-                    raise UserError(f"{path}: '{key}' must be {kind}, got {value!r}")
+                if default is REQUIRED:
+                    raise UserError(f"{path}: '{key}' is missing; a {self.name} config needs it")
+                raw[dim] = None if default is DERIVED else default
+                continue
+            if dim in _FLAGS:
+                if not isinstance(value, bool):
+                    raise UserError(f"{path}: '{key}' must be true or false, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"{path}: '{key}' must be a positive integer, got {value!r}")
             raw[dim] = value
         raw["num_kv_heads"] = raw["num_kv_heads"] or raw["num_heads"]
         raw["intermediate_size"] = raw["intermediate_size"] or 4 * raw["hidden_size"]

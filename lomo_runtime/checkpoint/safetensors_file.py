@@ -120,17 +120,20 @@ def _read_header_json(path: Path, file_size: int) -> tuple[dict[str, Any], int]:
         raise UserError(
             f"{path}: truncated: {file_size} bytes, too short for the 8-byte header length; not a safetensors file"
         )
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(_PREFIX_BYTES))
-        if header_len > file_size - _PREFIX_BYTES:
-            raise UserError(
-                f"{path}: header claims {header_len} bytes but the file holds only "
-                f"{file_size - _PREFIX_BYTES} after the length field (file truncated or not safetensors); "
-                "no tensor can be read"
-            )
-        if header_len > MAX_HEADER_BYTES:
-            raise UserError(f"{path}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
-        raw = f.read(header_len)
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(_PREFIX_BYTES))
+            if header_len > file_size - _PREFIX_BYTES:
+                raise UserError(
+                    f"{path}: header claims {header_len} bytes but the file holds only "
+                    f"{file_size - _PREFIX_BYTES} after the length field (file truncated or not safetensors); "
+                    "no tensor can be read"
+                )
+            if header_len > MAX_HEADER_BYTES:
+                raise UserError(f"{path}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+            raw = f.read(header_len)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
     if len(raw) != header_len:
         raise UserError(f"{path}: short read of the header ({len(raw)} of {header_len} bytes); file changed?")
     try:
