@@ -171,10 +171,11 @@ class _Handle:
                 self.fd = self._open(flags | os.O_DIRECT)
                 self.direct = True
                 return
-            except OSError as e:
-                if e.errno != errno.EINVAL:  # EINVAL: this filesystem refuses O_DIRECT
-                    raise StoreError(f"cannot open {self.name}: {e.strerror}") from e
-                self.direct_refused = True
+            except StoreError as e:
+                cause = e.__cause__
+                if not isinstance(cause, OSError) or cause.errno != errno.EINVAL:
+                    raise
+                self.direct_refused = True  # EINVAL: this filesystem refuses O_DIRECT
         self.fd = self._open(flags)
         self._buffered = self.fd
 
