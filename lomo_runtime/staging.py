@@ -21,7 +21,7 @@ import threading
 
 import torch
 
-from .errors import DoesNotFit
+from .errors import DoesNotFit, UserError
 from .io import aligned_empty, align_up
 from .sizes import format_size
 
@@ -31,10 +31,12 @@ class StagingPool:
 
     def __init__(self, capacity_bytes: int | None, pin: bool = False) -> None:
         """``capacity_bytes``: most bytes the pool may hold (None: unbounded).
-        ``pin``: page-locked buffers for CUDA copies; raises ``UserError`` on the first
-        allocation when there is no CUDA."""
+        ``pin``: page-locked buffers for CUDA copies; ``UserError`` here when there is no
+        CUDA (``torch.empty(..., pin_memory=True)`` raises on CPU-only torch)."""
         if capacity_bytes is not None and capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0 or None, got {capacity_bytes}")
+        if pin and not torch.cuda.is_available():
+            raise UserError("pinned staging buffers need CUDA; this machine has none (use pin=False)")
         self.capacity_bytes = capacity_bytes
         self.pin = pin
         self._lock = threading.Lock()

@@ -55,7 +55,7 @@ def test_pinned_buffers_need_cuda() -> None:
     with pytest.raises(UserError, match="CUDA"):
         aligned_empty(4096, pin=True)
     with pytest.raises(UserError, match="CUDA"):
-        StagingPool(None, pin=True).acquire(10)
+        StagingPool(None, pin=True)
 
 
 def test_direct_reads_match_buffered_reads(data_file: tuple[str, bytes]) -> None:
