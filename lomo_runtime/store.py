@@ -341,10 +341,14 @@ class WorkingStore:
         so peak memory is about twice the largest unit. ``meta`` (JSON-able: the
         model config, the source directory, ...) goes into the manifest.
 
-        ``work_dir`` may be missing or empty. A directory holding a store is
-        replaced only with ``overwrite=True`` (atomically: the old store stays
-        valid until the new manifest is committed); any other non-empty
-        directory is refused with ``StoreError``.
+        Every unit starts at generation 0, so ``step + 1`` is always a valid next
+        generation for a store that commits every unit it writes.
+
+        ``work_dir`` may be missing or empty (leftovers of a create that never
+        committed count as empty and are deleted). A directory holding a store
+        is replaced only with ``overwrite=True``: its manifest is deleted first,
+        then its files, so a crash midway leaves an empty store directory, never
+        a mix. Any other non-empty directory is refused with ``StoreError``.
 
         From a ``lomo_runtime.checkpoint.Checkpoint`` (converting dtype in the loader
         if the run trains in another one)::
@@ -371,9 +375,12 @@ class WorkingStore:
 
         store = cls(work, _acquire_lock(work), direct)
         try:
+            if state == "store":
+                _unlink(work / MANIFEST)  # from here on the old store is gone, by request
+                _fsync_dir(work)
+            store._delete_unreferenced()  # nothing is referenced yet: clears old and half-written files
             (work / UNITS_DIR).mkdir(exist_ok=True)
-            # New files never reuse a name an existing (or half-written) file has.
-            generation = 1 + max((int(m["gen"]) for m in store._generation_files()), default=-1)
+            generation = 0
             records: dict[str, UnitRecord] = {}
             for name, sources in units:
                 loaded = {tensor_name: load() for tensor_name, load in sources}

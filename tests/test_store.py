@@ -204,7 +204,8 @@ def test_create_refuses_foreign_and_existing(tmp_path: Path) -> None:
         WorkingStore.open(foreign)
 
     work = tmp_path / "store"
-    _create(work).close()
+    with _create(work) as store:
+        store.commit(1, {"head": _bump(store, "head", generation=7)})
     with pytest.raises(StoreError, match="already holds a store"):
         _create(work)
     model = _model()
@@ -212,6 +213,7 @@ def test_create_refuses_foreign_and_existing(tmp_path: Path) -> None:
     with _create(work, model, overwrite=True) as store:
         assert torch.equal(_read_all(store)["model.embed_tokens.weight"], model["embed"]["model.embed_tokens.weight"])
         assert len(os.listdir(work / "units")) == 3  # the old store's files are gone
+        assert store.step == 0 and {r.generation for r in store.units.values()} == {0}
 
 
 def test_create_reuses_leftovers_of_a_crashed_create(tmp_path: Path) -> None:
@@ -226,7 +228,7 @@ def test_create_reuses_leftovers_of_a_crashed_create(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         WorkingStore.create(work, [("embed", [("w", lambda: torch.ones(3))]), ("head", [("x", broken)])], {})
     with _create(work) as store:
-        assert store.step == 0 and sorted(os.listdir(work / "units")) == ["block.0.g1.bin", "embed.g1.bin", "head.g1.bin"]
+        assert store.step == 0 and sorted(os.listdir(work / "units")) == ["block.0.g0.bin", "embed.g0.bin", "head.g0.bin"]
 
 
 # ---------------------------------------------------------------- the lock
