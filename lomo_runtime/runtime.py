@@ -227,8 +227,13 @@ class Runtime(SegmentHooks):
         unit.updated = True
 
     # ---- step ----------------------------------------------------------------------------------
-    def backward(self, loss: torch.Tensor, lr: float | None = None) -> StepResult:
-        """Backpropagate `loss`, updating every parameter inside backward, then commit the step."""
+    def backward(self, loss: torch.Tensor, lr: float | None = None, commit_meta: dict | None = None) -> StepResult:
+        """Backpropagate `loss`, updating every parameter inside backward, then commit the step.
+
+        `lr` overrides the rule's learning rate for this step (schedules);
+        `commit_meta` (JSON-able) is committed atomically with the weights, so a
+        trainer's data position always matches the committed step.
+        """
         if not self._in_step:
             raise RuntimeError("backward() needs a training forward (grad enabled) through rt.model first")
         self._lr = self.rule.lr if lr is None else lr
@@ -248,7 +253,8 @@ class Runtime(SegmentHooks):
             return StepResult(step=self.step, dropped=True, reason=reason, backward_s=backward_s)
         started = time.perf_counter()
         self.scheduler.drain()
-        self.store.commit(self.step + 1, self.scheduler.written_records())
+        meta = None if commit_meta is None else {**self.store.meta, **commit_meta}
+        self.store.commit(self.step + 1, self.scheduler.written_records(), meta)
         self.scheduler.committed()
         self.step += 1
         self._end_step()

@@ -198,6 +198,10 @@ class Scheduler:
             started += 1
 
     # ---- eviction --------------------------------------------------------------------------
+    def resident_bytes(self) -> int:
+        """Bytes of units loading, resident or being written (what the weights budget caps)."""
+        return self._resident_bytes()
+
     def _resident_bytes(self) -> int:
         return sum(u.nbytes for u in self.units.values() if u.state is not UnitState.ON_DISK)
 

@@ -1,0 +1,42 @@
+"""`lomo-run train`: flags over the YAML config over defaults, then `trainer.train`."""
+from __future__ import annotations
+
+import click
+
+from . import cli
+from ..config import load_yaml, merge
+
+
+@cli.command("train")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file with the same settings as the flags.")
+@click.option("--model", help="Model directory (config.json, safetensors, tokenizer).")
+@click.option("--data", help="Training data: JSONL with text or prompt/completion, or plain text.")
+@click.option("--out", help="Output directory (metrics.jsonl, plan.json, model/).")
+@click.option("--steps", type=int)
+@click.option("--lr", type=float)
+@click.option("--schedule", type=click.Choice(["constant", "linear", "cosine"]))
+@click.option("--warmup-steps", type=int)
+@click.option("--weight-decay", type=float)
+@click.option("--clip-grad-value", type=float)
+@click.option("--seq-len", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--memory-budget", help="Memory the process may use, e.g. 2GiB (CPU: resident set size).")
+@click.option("--weights-budget", help="Cap on resident weight bytes, e.g. 160KB.")
+@click.option("--offload-dir", help="Where the working store lives (default OUT/store).")
+@click.option("--seed", type=int)
+@click.option("--eval-fraction", type=float)
+@click.option("--eval-every", type=int)
+@click.option("--eval-batches", type=int)
+@click.option("--export-every", type=int)
+@click.option("--prefetch-depth", type=int)
+@click.option("--threads", type=int, help="torch intra-op threads.")
+@click.option("--resume", is_flag=True, default=None, help="Continue the run in OUT from its last committed step.")
+def train_command(config_file: str | None, **flags: object) -> None:
+    """Fine-tune every parameter with fused LOMO updates, streaming weights within the budget."""
+    from ..trainer import train
+
+    layers = [load_yaml(config_file)] if config_file else []
+    cfg = merge(*layers, flags)
+    result = train(cfg)
+    click.echo(f"trained {result.steps} steps; model written to {result.model_dir}")

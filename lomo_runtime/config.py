@@ -1,0 +1,173 @@
+"""The typed configuration of a training run; YAML is only its serialised form.
+
+`plan` and `train` read the same `TrainConfig`. Precedence: defaults < YAML
+file (`--config`) < command-line flags. Unknown YAML keys and wrong types are
+refused with a message naming the key, so a typo never silently falls back to
+a default. The resolved config is written beside the run's output
+(`OUT/config.yaml`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import UserError
+from .sizes import parse_size
+
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one `lomo-run train` needs."""
+
+    model: str = ""                      # HF model directory (config.json + safetensors + tokenizer)
+    data: str = ""                       # JSONL ({"text"} or {"prompt","completion"}) or plain text
+    out: str = ""                        # output directory: metrics.jsonl, plan.json, model/
+    steps: int = 100                     # optimizer steps (one batch each)
+    lr: float = 1e-3                     # peak learning rate
+    schedule: str = "constant"           # constant | linear | cosine (HF conventions)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    clip_grad_value: float | None = None
+    rule: str = "sgd"                    # update rule (sgd; more as they land)
+    seq_len: int = 256                   # tokens per packed sequence
+    batch_size: int = 1                  # sequences per step
+    dtype: str = "fp32"                  # training dtype of the weights: fp32 | bf16 | fp16
+    memory_budget: str | None = None     # process RSS (CPU) the run must stay within, e.g. "2GiB"
+    weights_budget: str | None = None    # cap on resident weight bytes (experts, tests)
+    offload_dir: str | None = None       # working store location (default OUT/store)
+    seed: int = 0
+    eval_fraction: float = 0.05          # share of examples held out for eval loss
+    eval_every: int = 0                  # steps between eval passes (0: only at the end)
+    eval_batches: int = 8                # batches per eval pass
+    export_every: int = 0                # also export OUT/checkpoint-<step>/ every N steps (0: never)
+    prefetch_depth: int = 2              # units read ahead of use
+    io_threads: int = 2
+    threads: int | None = None           # torch intra-op threads (default: torch's choice)
+    resume: bool = False
+
+    def validate(self) -> "TrainConfig":
+        """Check values a user can get wrong; raise UserError naming the setting."""
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise UserError(f"--{name} is required")
+        _positive_int("steps", self.steps)
+        _positive_int("seq_len", self.seq_len)
+        _positive_int("batch_size", self.batch_size)
+        _nonneg_int("warmup_steps", self.warmup_steps)
+        _nonneg_int("eval_every", self.eval_every)
+        _positive_int("eval_batches", self.eval_batches)
+        _nonneg_int("export_every", self.export_every)
+        _positive_int("prefetch_depth", self.prefetch_depth)
+        _positive_int("io_threads", self.io_threads)
+        if self.threads is not None:
+            _positive_int("threads", self.threads)
+        _finite("lr", self.lr, minimum=0.0, strict=True)
+        _finite("weight_decay", self.weight_decay, minimum=0.0)
+        _finite("min_lr_ratio", self.min_lr_ratio, minimum=0.0)
+        if self.clip_grad_value is not None:
+            _finite("clip_grad_value", self.clip_grad_value, minimum=0.0, strict=True)
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise UserError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise UserError(f"--schedule must be constant, linear or cosine, got {self.schedule!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.rule != "sgd":
+            raise UserError(f"--rule {self.rule!r} is not available yet; use sgd")
+        for name in ("memory_budget", "weights_budget"):
+            if getattr(self, name) is not None:
+                parse_size(getattr(self, name), f"--{name.replace('_', '-')}")
+        if self.warmup_steps > self.steps:
+            raise UserError(f"--warmup-steps ({self.warmup_steps}) is more than --steps ({self.steps})")
+        return self
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict of known keys (values checked by `merge`)."""
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"config file {file} does not exist") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"config file {file} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {file}: expected a mapping of settings, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"config file {file}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return data
+
+
+def merge(*layers: Mapping[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from layers of settings, later layers winning; None means 'not given'."""
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if value is None:
+                continue
+            values[key] = _coerce(key, value, types[key])
+    return TrainConfig(**values)
+
+
+def _coerce(key: str, value: Any, declared: str) -> Any:
+    base = declared.replace(" | None", "")
+    try:
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if base == "str":
+            if isinstance(value, (dict, list, bool)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"setting {key}: expected {base}, got {value!r}") from None
+    return value
+
+
+def _positive_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+
+def _nonneg_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 0:
+        raise UserError(f"--{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
+
+
+def _finite(name: str, value: float, minimum: float, strict: bool = False) -> None:
+    bad = not math.isfinite(value) or value < minimum or (strict and value == minimum)
+    if bad:
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise UserError(f"--{name.replace('_', '-')} must be a finite number {bound}, got {value!r}")

@@ -1,0 +1,200 @@
+"""The training loop, top to bottom: data, runtime, steps, eval, metrics, export.
+
+Durability: the runtime commits every step together with the data stream's
+position (`trainer` in the store's meta), so `--resume` continues from the last
+committed step with exactly the batches an uninterrupted run would have seen.
+Dropout draws from a generator seeded by (seed, step), so a replayed step draws
+the same masks. metrics.jsonl lines past the committed step are dropped on
+resume: they describe work that did not survive.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .data import Batches, load_examples, load_tokenizer, pack, pad_id_of, split_holdout, tokenize_examples, tokens_in
+from .errors import UserError
+from .memory import peak_rss_bytes, reset_peak_rss
+from .progress import MetricsWriter, Progress
+from .rules import SGD
+from .runtime import Runtime
+from .schedule import LRSchedule
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None
+    model_dir: Path
+
+
+def build_data(cfg: TrainConfig, max_positions: int) -> tuple[Batches, Batches | None]:
+    """Tokenise the data file with the model's tokenizer, pack it, split off the eval share."""
+    if cfg.seq_len > max_positions:
+        raise UserError(
+            f"--seq-len {cfg.seq_len} exceeds the model's maximum positions ({max_positions}); "
+            f"use --seq-len {max_positions} or less"
+        )
+    tokenizer = load_tokenizer(cfg.model)
+    examples = load_examples(cfg.data)
+    train_ex, eval_ex = split_holdout(examples, cfg.eval_fraction, cfg.seed) if cfg.eval_fraction > 0 else (examples, [])
+    pad = pad_id_of(tokenizer)
+    train_seqs = pack(tokenize_examples(train_ex, tokenizer), cfg.seq_len, pad_id=pad)
+    train = Batches(train_seqs, cfg.batch_size, seed=cfg.seed)
+    evaluation = None
+    if eval_ex:
+        eval_seqs = pack(tokenize_examples(eval_ex, tokenizer), cfg.seq_len, pad_id=pad, drop_tail=False)
+        evaluation = Batches(eval_seqs, cfg.batch_size, seed=cfg.seed, shuffle=False, epochs=1)
+    return train, evaluation
+
+
+def evaluate(rt: Runtime, batches: Batches | None, max_batches: int) -> float | None:
+    """Mean loss per label token over up to `max_batches` held-out batches (weights streamed, no grad)."""
+    if batches is None:
+        return None
+    total, count = 0.0, 0
+    batches.load_state_dict({**batches.state_dict(), "epoch": 0, "index": 0})
+    with torch.no_grad():
+        for i, (ids, labels) in enumerate(batches):
+            if i >= max_batches:
+                break
+            n = tokens_in((ids, labels))
+            if n == 0:
+                continue
+            total += rt.model(input_ids=ids, labels=labels).loss.item() * n
+            count += n
+    return total / count if count else None
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run `cfg` to completion (or resume it), writing metrics, the plan and the model under `cfg.out`."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(cfg.offload_dir) if cfg.offload_dir else out / "store"
+    if cfg.resume and not (work_dir / "manifest.json").exists():
+        raise UserError(f"--resume: no working store at {work_dir} to resume from")
+
+    from .checkpoint import Checkpoint
+
+    checkpoint = Checkpoint.open(cfg.model)  # validate weights before any data work
+    train_batches, eval_batches = build_data(cfg, checkpoint.arch.max_positions(checkpoint.config))
+    (out / "config.yaml").write_text(cfg.to_yaml())
+
+    rule = SGD(lr=cfg.lr, weight_decay=cfg.weight_decay, clip_grad_value=cfg.clip_grad_value)
+    schedule = LRSchedule(cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    rt = Runtime(
+        cfg.model, rule, work_dir=work_dir, memory_budget=cfg.memory_budget, weights_budget=cfg.weights_budget,
+        dtype=cfg.torch_dtype, prefetch_depth=cfg.prefetch_depth, io_threads=cfg.io_threads, resume=cfg.resume,
+        seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+    )
+    with rt:
+        _write_plan(rt, cfg, out)
+        state = rt.store.meta.get("trainer")
+        if cfg.resume and state:
+            train_batches.load_state_dict(state["batches"])
+        metrics = MetricsWriter(out / "metrics.jsonl", truncate_after_step=rt.step)
+        _recover_last_metrics(metrics, out / "metrics.jsonl", state, rt.step)
+        progress = Progress(cfg.steps, start_step=rt.step)
+        last_loss: float | None = None
+        eval_loss: float | None = None
+        try:
+            while rt.step < cfg.steps:
+                step = rt.step  # 0-based index of the step being run
+                ids, labels = next(train_batches)
+                lr = schedule.lr_at(step)
+                torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on (seed, step) only
+                read0, write0, wait0 = rt.scheduler.stats.read_bytes, rt.scheduler.stats.write_bytes, rt.scheduler.stats.waits_s
+                reset_peak_rss()
+                started = time.perf_counter()
+                loss = rt.model(input_ids=ids, labels=labels).loss
+                last_loss = float(loss.item())
+                tokens = tokens_in((ids, labels))
+                # What a crash between commit and the metrics line must not lose travels with the commit.
+                summary = {"step": step + 1, "loss": last_loss, "tokens": tokens, "lr": lr}
+                result = rt.backward(loss, lr=lr, commit_meta={
+                    "trainer": {"batches": train_batches.state_dict(), "last_metrics": summary}})
+                elapsed = time.perf_counter() - started
+                record = {
+                    **summary,
+                    "step": rt.step if not result.dropped else step,
+                    "step_time_s": elapsed,
+                    "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+                    "peak_host_bytes": peak_rss_bytes(),
+                    "peak_device_bytes": peak_rss_bytes(),  # CPU: the device is the host
+                    "weights_resident_bytes": rt.scheduler.resident_bytes(),
+                    "io_read_bytes": rt.scheduler.stats.read_bytes - read0,
+                    "io_write_bytes": rt.scheduler.stats.write_bytes - write0,
+                    "io_wait_s": rt.scheduler.stats.waits_s - wait0,
+                    "dropped": result.dropped,
+                }
+                if result.dropped:
+                    # The data position was not committed: a resumed run replays this batch and,
+                    # being deterministic, drops it again, so both runs stay identical.
+                    record["dropped_reason"] = result.reason
+                if cfg.eval_every and rt.step % cfg.eval_every == 0 and not result.dropped:
+                    eval_loss = evaluate(rt, eval_batches, cfg.eval_batches)
+                    record["eval_loss"] = eval_loss
+                metrics.write(record)
+                progress.update(rt.step, last_loss, tokens, record["peak_host_bytes"])
+                if cfg.export_every and rt.step % cfg.export_every == 0 and not result.dropped:
+                    _export(rt, out / f"checkpoint-{rt.step}")
+            eval_loss = evaluate(rt, eval_batches, cfg.eval_batches)
+            if eval_loss is not None:
+                metrics.write({"step": rt.step, "final_eval_loss": eval_loss})
+                progress.write(f"eval loss {eval_loss:.4f}")
+        finally:
+            progress.close()
+            metrics.close()
+        model_dir = _export(rt, out / "model")
+    return TrainResult(steps=cfg.steps, final_loss=last_loss, eval_loss=eval_loss, model_dir=model_dir)
+
+
+def _recover_last_metrics(metrics: MetricsWriter, path: Path, state: dict | None, step: int) -> None:
+    """A kill between a commit and its metrics line loses the line; the commit carries a copy."""
+    from .progress import read_metrics
+
+    if not state or "last_metrics" not in state or step == 0:
+        return
+    logged = {r.get("step") for r in read_metrics(path) if "loss" in r}
+    if step not in logged:
+        metrics.write({**state["last_metrics"], "recovered": True})
+
+
+def _export(rt: Runtime, target: Path) -> Path:
+    """Export to a temporary sibling and rename, so a crash never leaves a half-written model."""
+    tmp = target.with_name(target.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    rt.export(tmp)
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
+def _write_plan(rt: Runtime, cfg: TrainConfig, out: Path) -> None:
+    """Write OUT/plan.json when the planner is available (it sizes the run before it starts)."""
+    try:
+        from . import planner
+    except ImportError:
+        return
+    writer = getattr(planner, "write_plan_for_run", None)
+    if writer is not None:
+        writer(rt, cfg, out / "plan.json")

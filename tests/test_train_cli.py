@@ -1,0 +1,141 @@
+"""`lomo-run train` end to end: outputs, resume after SIGKILL, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import make_tiny_model, save_char_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("job")
+    model = make_tiny_model(root, arch="llama", tied=True, sharded=True)
+    save_char_tokenizer(model)
+    rng = random.Random(0)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(12))}) + "\n" for _ in range(200)))
+    return {"root": root, "model": model, "data": data}
+
+
+def _train_cmd(job: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-c", "from lomo_runtime.cli import main; main()", "train",
+        "--model", str(job["model"]), "--data", str(job["data"]), "--out", str(out),
+        "--seq-len", "32", "--batch-size", "2", "--lr", "0.05", "--weights-budget", "70KB", "--seed", "3",
+        "--threads", "1", *extra,
+    ]
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def test_train_writes_metrics_plan_and_loadable_model(job: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    proc = _run(_train_cmd(job, out, "--steps", "6"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for key in ("step", "loss", "tokens", "step_time_s", "peak_host_bytes", "peak_device_bytes", "io_read_bytes", "io_write_bytes"):
+        assert key in steps[0], key
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert (out / "config.yaml").exists()
+
+
+def test_kill_9_then_resume_matches_uninterrupted_run(job: dict[str, Path], tmp_path: Path) -> None:
+    steps = "25"
+    reference = tmp_path / "reference"
+    proc = _run(_train_cmd(job, reference, "--steps", steps))
+    assert proc.returncode == 0, proc.stderr
+    expected = _weights(reference / "model")
+
+    rng = random.Random(7)
+    for attempt in range(3):
+        out = tmp_path / f"killed-{attempt}"
+        child = subprocess.Popen(_train_cmd(job, out, "--steps", steps), cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Wait until training has committed at least one step, then kill at a random moment.
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        resumed = _run(_train_cmd(job, out, "--steps", steps, "--resume"))
+        assert resumed.returncode == 0, resumed.stderr
+        got = _weights(out / "model")
+        assert got.keys() == expected.keys()
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), f"attempt {attempt}: {name} differs after resume"
+        steps_logged = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+        assert steps_logged == list(range(1, int(steps) + 1))
+
+
+@pytest.mark.parametrize(
+    "extra,code,message",
+    [
+        (("--steps", "0"), 2, "--steps"),
+        (("--lr", "-1"), 2, "--lr"),
+        (("--seq-len", "100000"), 2, "maximum positions"),
+        (("--memory-budget", "lots"), 2, "memory-budget"),
+        (("--weights-budget", "4KB", "--steps", "1"), 3, "raise the budget"),
+    ],
+)
+def test_bad_flags_exit_with_clear_message(job: dict[str, Path], tmp_path: Path, extra: tuple[str, ...], code: int, message: str) -> None:
+    cmd = _train_cmd(job, tmp_path / "out", *extra)
+    # Later flags win in click, so the override comes last.
+    proc = _run(cmd)
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_and_empty_data_file(job: dict[str, Path], tmp_path: Path) -> None:
+    missing = dict(job, data=tmp_path / "nope.jsonl")
+    proc = _run(_train_cmd(missing, tmp_path / "out1", "--steps", "1"))
+    assert proc.returncode == 2 and "nope.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = _run(_train_cmd(dict(job, data=empty), tmp_path / "out2", "--steps", "1"))
+    assert proc.returncode == 2 and "empty.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_second_run_on_same_output_is_refused_while_first_holds_it(job: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = subprocess.Popen(_train_cmd(job, out, "--steps", "400"), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        proc = _run(_train_cmd(job, out, "--steps", "400", "--resume"))
+        assert proc.returncode == 2, proc.stderr
+        assert "in use" in proc.stderr and "Traceback" not in proc.stderr
+    finally:
+        first.kill()
+        first.wait()
