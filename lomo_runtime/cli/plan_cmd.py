@@ -1,0 +1,67 @@
+"""`lomo-run plan`: will a job fit, where do units live, how fast is a step, before launch."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..checkpoint.checkpoint import load_config
+from ..errors import DoesNotFit
+from ..planner import RunConfig, format_plan, largest_fitting, plan
+from ..probe import load_machine
+from ..sizes import parse_size
+from . import cli
+
+
+def _size(value: str | None, what: str) -> int | None:
+    return None if value is None else parse_size(value, what)
+
+
+@cli.command("plan")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+              help="Model directory; config.json alone is enough.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--rule", type=click.Choice(["sgd", "adamw", "adalomo"]), default="sgd", show_default=True)
+@click.option("--memory-budget", help="Device memory (on CPU: process RSS) to fit, e.g. 24GiB.")
+@click.option("--weights-budget", help="Cap on resident weight bytes (experts, tests).")
+@click.option("--host-memory", help="Host RAM (default: this machine's).")
+@click.option("--offload-dir", default=None, type=click.Path(), help="Where the working store goes (free space is checked).")
+@click.option("--prefetch-depth", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--flops", type=float, default=None, help="Override sustained FLOP/s of the device.")
+@click.option("--disk-read-bw", type=float, default=None, help="Override disk read bytes/s.")
+@click.option("--disk-write-bw", type=float, default=None, help="Override disk write bytes/s.")
+@click.option("--h2d-bw", type=float, default=None, help="Override host-device copy bytes/s (CUDA).")
+@click.option("--max-batch-size", is_flag=True, help="Search the largest batch size that fits.")
+@click.option("--max-seq-len", is_flag=True, help="Search the longest sequence that fits.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan_command(model_dir, seq_len, batch_size, device, dtype, rule, memory_budget, weights_budget, host_memory,
+                 offload_dir, prefetch_depth, flops, disk_read_bw, disk_write_bw, h2d_bw, max_batch_size,
+                 max_seq_len, as_json) -> None:
+    """Predict peak memory, I/O and step time of a training job, and whether it fits."""
+    if max_batch_size and max_seq_len:
+        raise click.UsageError("--max-batch-size and --max-seq-len: choose one")
+    config = load_config(model_dir)
+    budget = _size(memory_budget, "--memory-budget")
+    machine = load_machine(device, dtype, nvme_dir=offload_dir, host_memory=_size(host_memory, "--host-memory"),
+                           device_memory=budget if device == "cuda" else None)
+    for attr, value in (("flops_per_s", flops), ("disk_read_bps", disk_read_bw),
+                        ("disk_write_bps", disk_write_bw), ("h2d_bps", h2d_bw)):
+        if value is not None:
+            setattr(machine, attr, value)
+            machine.source[attr] = "flag"
+    run = RunConfig(seq_len=seq_len, batch_size=batch_size, dtype=dtype, rule=rule, device=device,
+                    memory_budget=budget, weights_budget=_size(weights_budget, "--weights-budget"),
+                    prefetch_depth=prefetch_depth)
+    if max_batch_size or max_seq_len:
+        result = largest_fitting(config, run, machine, "batch_size" if max_batch_size else "seq_len")
+    else:
+        result = plan(config, run, machine)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    else:
+        click.echo(format_plan(result))
+    if not result.fits:
+        raise DoesNotFit(f"the job does not fit: {result.reason}; {result.suggestion}")

@@ -1,0 +1,300 @@
+"""`plan(model, run, machine) -> Plan`: will the job fit, where does each unit live, how fast is a step.
+
+Memory, in the design's categories (the runtime's measured peaks use the same):
+
+    peak host (CPU) = framework        RSS after importing torch + transformers and building
+                                       the empty-parameter model (~400 MiB here, `probe` measures it)
+                    + staging          the staging pool; on CPU parameters are views into it, so this
+                                       IS the resident weights. It caches freed buffers per size, so it
+                                       holds, per unit size, the most units of that size ever resident
+                    + activations      traced (planner.activations): saved segment inputs
+                                       (B*T*hidden*itemsize per block), one block's recompute, logits,
+                                       fp32 loss temporaries, and the gradient transients of the fused
+                                       update (one gradient at a time; a tied embedding's held from the
+                                       head's backward to the embedding's)
+
+On CUDA the device holds the resident weights and the activations (plus the
+CUDA context); the host holds the framework and the pinned staging buffers.
+
+Step time is the largest of three bounds, assuming prefetch overlaps I/O with
+compute: compute (traced FLOPs / probed FLOP/s), disk (units read / read
+bandwidth + every unit written back each step / write bandwidth) and, on
+CUDA, host-device copies.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ..errors import DoesNotFit, UserError
+from ..sizes import format_size
+from .activations import trace_step
+from .residency import Residency, min_weights_budget, simulate
+from .spec import Machine, ModelSpec, RunConfig
+
+
+@dataclass
+class Alternative:
+    """What a user would run instead, sized the same way."""
+
+    name: str
+    peak_device_bytes: int
+    fits: bool
+    note: str
+
+
+@dataclass
+class Plan:
+    """Everything `lomo-run plan` reports; `to_json` is the CLI contract."""
+
+    fits: bool
+    reason: str
+    model_type: str
+    params: int
+    device: str
+    dtype: str
+    rule: str
+    seq_len: int
+    batch_size: int
+    peak_device_bytes: int
+    peak_host_bytes: int
+    nvme_bytes: int
+    io_bytes_per_step: int            # read + written on disk per step (steady state)
+    read_bytes_per_step: int
+    write_bytes_per_step: int
+    est_step_time_s: float
+    bound: str                        # "compute", "disk" or "host-device"
+    times_s: dict[str, float]
+    tokens_per_s: float
+    weights_budget: int               # resident weight bytes the scheduler may hold
+    min_weights_budget: int
+    prefetch_depth: int
+    placement: dict[str, str]         # unit -> "resident" | "streamed"
+    memory: dict[str, int]            # the categories behind the peaks
+    budget_bytes: int                 # the memory the plan had to fit (device; host on CPU)
+    suggestion: str
+    alternatives: list[Alternative] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+
+# ---- memory -----------------------------------------------------------------------------------
+
+def _fixed_bytes(spec: ModelSpec, run: RunConfig, machine: Machine) -> tuple[int, dict[str, int]]:
+    """Bytes on the budgeted memory that do not depend on the weights budget."""
+    act = trace_step(spec, run.batch_size, run.seq_len)
+    largest = spec.largest_tensor
+    itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[spec.dtype]
+    # Informational split of what the trace includes: the largest gradient, its isfinite
+    # mask (1 B/elem), fp32 copies of param and gradient for 16-bit weights (8 B/elem).
+    transient = largest * (itemsize + 1 + (0 if spec.dtype == "fp32" else 8))
+    if spec.dims.tied:
+        transient += spec.unit("embed").params * itemsize  # pending tied gradient
+    framework = machine.framework_bytes if run.device == "cpu" else machine.device_framework_bytes
+    cats = {
+        "framework_bytes": framework,
+        "activation_bytes": act.peak_bytes,
+        "gradient_transient_bytes": transient,
+        "activation_per_block_bytes": act.per_block_bytes,
+        "step_flops": act.flops,
+    }
+    return framework + act.peak_bytes, cats
+
+
+def _budget(run: RunConfig, machine: Machine) -> int:
+    if run.memory_budget is not None:
+        return run.memory_budget
+    if run.device == "cuda":
+        if machine.device_memory_bytes is None:
+            raise UserError("device cuda: give the device memory (--memory-budget)")
+        return machine.device_memory_bytes
+    return machine.host_memory_bytes
+
+
+def _weights_budget_for(spec: ModelSpec, run: RunConfig, fixed: int, budget: int, floor: int) -> tuple[int, Residency]:
+    """The largest weights budget whose plan fits `budget` (or the floor, infeasible, if none)."""
+    everything = simulate(spec, None, run.prefetch_depth)
+    if fixed + everything.pool_bytes <= budget:
+        return spec.total_bytes, everything
+    lo_res = simulate(spec, floor, run.prefetch_depth)
+    if fixed + lo_res.pool_bytes > budget:
+        return floor, lo_res
+    lo, hi = floor, spec.total_bytes  # fits at lo, not at hi
+    while hi - lo > 4096:
+        mid = (lo + hi) // 2 // 4096 * 4096
+        res = simulate(spec, mid, run.prefetch_depth)
+        if fixed + res.pool_bytes <= budget:
+            lo, lo_res = mid, res
+        else:
+            hi = mid
+    return lo, lo_res
+
+
+# ---- the plan ---------------------------------------------------------------------------------
+
+def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) -> Plan:
+    """Plan one training job: placement, peaks, I/O, step time, fit. Pure: allocates no model memory."""
+    run.check()
+    spec = model if isinstance(model, ModelSpec) else ModelSpec.from_config(model, run.dtype, run.rule)
+    if spec.dtype != run.dtype or spec.rule != run.rule:
+        spec = ModelSpec.from_config(spec.config, run.dtype, run.rule)
+    max_pos = spec.dims.max_positions
+    if run.seq_len > max_pos:
+        raise UserError(f"seq_len {run.seq_len} exceeds the model's {max_pos} positions")
+    budget = _budget(run, machine)
+    fixed, cats = _fixed_bytes(spec, run, machine)
+    floor = min_weights_budget(spec, run.prefetch_depth)
+    if run.weights_budget is not None:
+        if run.weights_budget < floor:
+            raise DoesNotFit(
+                f"weights budget {format_size(run.weights_budget)} is below the {format_size(floor)} one step "
+                f"needs at once (largest unit, plus the tied embedding's pending gradient); raise it to at least "
+                f"{format_size(floor)}")
+        wbudget, res = run.weights_budget, simulate(spec, run.weights_budget, run.prefetch_depth)
+    else:
+        wbudget, res = _weights_budget_for(spec, run, fixed, budget, floor)
+    weights_dev = res.pool_bytes
+    total = spec.total_bytes
+    itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[spec.dtype]
+
+    if run.device == "cpu":
+        peak_device = fixed + weights_dev
+        peak_host = peak_device
+        host_staging = weights_dev
+    else:
+        peak_device = fixed + weights_dev
+        # Host: framework plus pinned staging; every unit stays in host memory when it fits,
+        # else depth+1 buffers of the largest unit (reads ahead plus one write-back).
+        largest_unit = max(u.nbytes for u in spec.units)
+        host_all = machine.framework_bytes + total
+        host_staging = total if host_all <= machine.host_memory_bytes else (run.prefetch_depth + 1) * largest_unit
+        peak_host = machine.framework_bytes + host_staging
+    cats.update(staging_bytes=host_staging, weights_resident_bytes=res.peak_resident_bytes,
+                device_weights_bytes=weights_dev if run.device == "cuda" else 0)
+
+    read_bytes = res.read_bytes_per_step[-1]
+    write_bytes = total  # every unit is updated and written back each step (commit every step)
+    disk_read = read_bytes
+    if run.device == "cuda" and host_staging >= total:
+        disk_read = 0  # misses are served from host memory
+    times = {
+        "compute": cats["step_flops"] / machine.flops_per_s,
+        "disk": disk_read / machine.disk_read_bps + write_bytes / machine.disk_write_bps,
+    }
+    if run.device == "cuda":
+        times["host-device"] = (read_bytes + write_bytes) / machine.h2d_bps
+    bound = max(times, key=lambda k: times[k])
+    step_s = times[bound]
+
+    nvme = 2 * total  # the committed generation plus the one being written
+    reasons = []
+    if not res.feasible:
+        reasons.append(f"weights budget {format_size(wbudget)}: {res.blocked}")
+    if peak_device > budget:
+        reasons.append(f"peak {format_size(peak_device)} exceeds the {format_size(budget)} budget")
+    if run.device == "cuda" and peak_host > machine.host_memory_bytes:
+        reasons.append(f"host peak {format_size(peak_host)} exceeds {format_size(machine.host_memory_bytes)}")
+    if machine.nvme_free_bytes is not None and nvme > machine.nvme_free_bytes:
+        reasons.append(f"working store needs {format_size(nvme)}, {format_size(machine.nvme_free_bytes)} free")
+    fits = not reasons
+    min_peak = fixed + simulate(spec, floor, run.prefetch_depth).pool_bytes
+    suggestion = "" if fits else (
+        f"smallest budget that runs this job: {format_size(min_peak)} (weights budget {format_size(floor)}); "
+        f"or lower --batch-size / --seq-len")
+
+    placement = {u.name: ("resident" if u.name in res.resident_units else "streamed") for u in spec.units}
+    params = spec.params
+    act = cats["activation_bytes"]
+    fw = cats["framework_bytes"]
+    alternatives = [
+        Alternative("AdamW, all in memory", fw + 16 * params + act, fw + 16 * params + act <= budget,
+                    "weights + grads + fp32 master/m/v: 16 B/param"),
+        Alternative("SGD, all in memory", fw + 8 * params + act, fw + 8 * params + act <= budget,
+                    "weights + grads (+ fp32 master for 16-bit): 8 B/param"),
+        Alternative("LOMO, no offload", fixed + total, fixed + total <= budget,
+                    f"weights {itemsize} B/param + one gradient"),
+        Alternative("lomo-run (this plan)", peak_device, fits, "streamed units, fused update"),
+    ]
+    return Plan(
+        fits=fits, reason="; ".join(reasons), model_type=spec.config.get("model_type", ""), params=params,
+        device=run.device, dtype=spec.dtype, rule=spec.rule, seq_len=run.seq_len, batch_size=run.batch_size,
+        peak_device_bytes=peak_device, peak_host_bytes=peak_host, nvme_bytes=nvme,
+        io_bytes_per_step=disk_read + write_bytes, read_bytes_per_step=disk_read, write_bytes_per_step=write_bytes,
+        est_step_time_s=step_s, bound=bound, times_s=times,
+        tokens_per_s=run.batch_size * run.seq_len / step_s if step_s > 0 else float("inf"),
+        weights_budget=wbudget, min_weights_budget=floor,
+        prefetch_depth=run.prefetch_depth, placement=placement, memory=cats, budget_bytes=budget,
+        suggestion=suggestion, alternatives=alternatives, machine=asdict(machine),
+    )
+
+
+def largest_fitting(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine, what: str) -> Plan:
+    """The plan for the largest batch size (`what="batch_size"`) or seq_len that fits."""
+    spec = model if isinstance(model, ModelSpec) else ModelSpec.from_config(model, run.dtype, run.rule)
+    limit = spec.dims.max_positions if what == "seq_len" else 1 << 20
+
+    def attempt(n: int) -> Plan | None:
+        try:
+            p = plan(spec, replace(run, **{what: n}), machine)
+        except DoesNotFit:
+            return None
+        return p if p.fits else None
+
+    best = attempt(1)
+    if best is None:
+        raise DoesNotFit(f"even {what} 1 does not fit: {plan(spec, replace(run, **{what: 1}), machine).reason}")
+    lo, hi = 1, 2
+    while hi <= limit and (p := attempt(hi)) is not None:
+        best, lo, hi = p, hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        p = attempt(mid)
+        if p is not None:
+            best, lo = p, mid
+        else:
+            hi = mid
+    return best
+
+
+def format_plan(p: Plan) -> str:
+    """A readable table: the plan, its categories, and the alternatives beside it."""
+    m = p.memory
+    streamed = [u for u, s in p.placement.items() if s == "streamed"]
+    lines = [
+        f"model      {p.model_type}, {p.params / 1e9:.3g}B params, {p.dtype}, rule {p.rule}",
+        f"job        batch {p.batch_size} x seq {p.seq_len} = {p.batch_size * p.seq_len:,} tokens/step on {p.device}",
+        f"fits       {'yes' if p.fits else 'NO: ' + p.reason}",
+        f"budget     {format_size(p.budget_bytes)}",
+        "",
+        "memory                         bytes",
+        f"  framework                    {format_size(m['framework_bytes']):>10}",
+        f"  staging (weights)            {format_size(m['staging_bytes']):>10}",
+        f"  activations + transients     {format_size(m['activation_bytes']):>10}"
+        f"   (+{format_size(m['activation_per_block_bytes'])}/block; gradient transient "
+        f"{format_size(m['gradient_transient_bytes'])})",
+        f"  peak device                  {format_size(p.peak_device_bytes):>10}",
+        f"  peak host                    {format_size(p.peak_host_bytes):>10}",
+        f"  working store (NVMe)         {format_size(p.nvme_bytes):>10}",
+        "",
+        f"placement  weights budget {format_size(p.weights_budget)} (min {format_size(p.min_weights_budget)}), "
+        f"prefetch depth {p.prefetch_depth}",
+        f"           {len(p.placement) - len(streamed)} units resident, {len(streamed)} streamed"
+        + (f" ({streamed[0]} .. {streamed[-1]})" if streamed else ""),
+        f"io/step    read {format_size(p.read_bytes_per_step)}, write {format_size(p.write_bytes_per_step)}",
+        "step time  " + ", ".join(f"{k} {v:.3g} s" for k, v in p.times_s.items())
+        + f"  ->  {p.est_step_time_s:.3g} s ({p.bound}-bound), {p.tokens_per_s:,.0f} tokens/s",
+        "",
+        f"{'alternative':<24} {'peak':>10}  fits  note",
+    ]
+    for a in p.alternatives:
+        lines.append(f"{a.name:<24} {format_size(a.peak_device_bytes):>10}  {'yes' if a.fits else 'no ':<4}  {a.note}")
+    if p.suggestion:
+        lines += ["", "suggestion: " + p.suggestion]
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""Which units stay in memory, which stream, and what that costs in reads: a replay of the scheduler.
+
+This mirrors `lomo_runtime.scheduler` without importing it (the planner must
+not allocate or touch a store): the access sequence of a step (forward
+segments in order, then backward segments in reverse, each needing its own
+unit and, for a tied lm_head, the embed unit), Belady eviction (the resident
+unit used farthest in the future goes first), prefetch of up to `depth` units
+ahead that evicts only units used later than the one it fetches, and the two
+things that pin a unit beyond its segment: a pending gradient (the tied
+embedding, from the head's backward until the embedding's) and outstanding
+segments (a unit with several segments is written back after the last).
+
+I/O is assumed to finish before the next access (the simulation has no clock);
+it counts reads, and the staging pool's footprint: the pool caches released
+buffers per rounded size and never frees them without a capacity, so it holds,
+for each unit size, the most units of that size ever resident at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .spec import ModelSpec
+
+NEVER = 1 << 60
+
+
+@dataclass(frozen=True)
+class SegmentUse:
+    """One segment: the unit that owns it and the units it reads."""
+
+    owner: str
+    needs: tuple[str, ...]
+
+
+def segment_uses(spec: ModelSpec) -> list[SegmentUse]:
+    """Segments in forward order with the units each needs (owner first), as `Runtime._build_segments`."""
+    uses = []
+    for path, owner in spec.arch.segments(spec.config):
+        needs = [owner]
+        if spec.dims.tied and path == "lm_head":
+            needs.append("embed")  # lm_head.weight is the embedding
+        uses.append(SegmentUse(owner, tuple(needs)))
+    return uses
+
+
+@dataclass
+class Residency:
+    """The outcome of replaying `steps` steps under a weights budget."""
+
+    feasible: bool
+    reads_per_step: list[int]             # units read in each step
+    read_bytes_per_step: list[int]
+    peak_resident_bytes: int              # most weight bytes loading/resident at once
+    pool_bytes: int                       # staging pool footprint (per-size high-water marks)
+    resident_units: list[str]             # never re-read in the last (steady) step
+    blocked: str = ""                     # why an access could not be served
+
+
+@dataclass
+class _State:
+    resident: bool = False
+    pins: int = 0
+    pending: bool = False
+
+
+def simulate(spec: ModelSpec, budget: int | None, depth: int = 2, steps: int = 3) -> Residency:
+    """Replay `steps` steps of the scheduler under `budget` weight bytes (None: unlimited)."""
+    sizes = {u.name: u.nbytes for u in spec.units}
+    segs = segment_uses(spec)
+    forward = [n for s in segs for n in s.needs]
+    sequence = forward + [n for s in reversed(segs) for n in s.needs]
+    positions: dict[str, list[int]] = {}
+    for pos, name in enumerate(sequence):
+        positions.setdefault(name, []).append(pos)
+    state = {name: _State() for name in sizes}
+    cursor = -1
+    by_size: dict[int, int] = {}
+    pool: dict[int, int] = {}
+    peak = 0
+    reads: list[int] = []
+    read_bytes: list[int] = []
+    read_names: set[str] = set()
+
+    def next_use(name: str) -> int:
+        for pos in positions.get(name, ()):
+            if pos > cursor:
+                return pos
+        return len(sequence) + positions[name][0] if name in positions else NEVER
+
+    def resident_bytes() -> int:
+        return sum(sizes[n] for n, s in state.items() if s.resident)
+
+    def load(name: str) -> None:
+        nonlocal peak
+        state[name].resident = True
+        size = sizes[name]
+        by_size[size] = by_size.get(size, 0) + 1
+        pool[size] = max(pool.get(size, 0), by_size[size])
+        peak = max(peak, resident_bytes())
+        reads[-1] += 1
+        read_bytes[-1] += size
+        read_names.add(name)
+
+    def evict(name: str) -> None:
+        state[name].resident = False
+        by_size[sizes[name]] -= 1
+
+    def evictable(name: str) -> bool:
+        s = state[name]
+        return s.resident and s.pins == 0 and not s.pending
+
+    def make_room(name: str, required: bool) -> bool:
+        if budget is None:
+            return True
+        before = next_use(name)
+        while resident_bytes() + sizes[name] > budget:
+            candidates = [n for n in state if evictable(n)]
+            if not required:
+                candidates = [n for n in candidates if next_use(n) > before]
+            if not candidates:
+                return False
+            evict(max(candidates, key=next_use))
+        return True
+
+    def prefetch() -> None:
+        started, seen = 0, set()
+        for pos in range(cursor + 1, len(sequence)):
+            if started >= depth:
+                break
+            name = sequence[pos]
+            if name in seen:
+                continue
+            seen.add(name)
+            if state[name].resident:
+                continue
+            if not make_room(name, required=False):
+                break
+            load(name)
+            started += 1
+
+    def acquire(needs: tuple[str, ...]) -> str:
+        nonlocal cursor
+        for name in needs:
+            for pos in positions[name]:
+                if pos > cursor:
+                    cursor = pos
+                    break
+        for name in needs:
+            state[name].pins += 1
+        for name in needs:
+            if not state[name].resident:
+                if not make_room(name, required=True):
+                    held = [n for n, s in state.items() if s.resident]
+                    return f"{name} ({sizes[name]} B) does not fit beside {', '.join(held)}"
+                load(name)
+        prefetch()
+        return ""
+
+    def release(needs: tuple[str, ...]) -> None:
+        for name in needs:
+            state[name].pins -= 1
+
+    for _ in range(steps):
+        cursor = -1
+        reads.append(0)
+        read_bytes.append(0)
+        read_names = set()
+        for seg in segs:  # forward
+            blocked = acquire(seg.needs)
+            if blocked:
+                return Residency(False, reads, read_bytes, peak, _pool(pool), [], blocked)
+            release(seg.needs)
+        for seg in reversed(segs):  # backward: recompute, gradients, fused update
+            blocked = acquire(seg.needs)
+            if blocked:
+                return Residency(False, reads, read_bytes, peak, _pool(pool), [], blocked)
+            if seg.owner != "embed" and "embed" in seg.needs:
+                state["embed"].pending = True  # the tied weight's gradient waits for the embedding's
+            if seg.owner == "embed":
+                state["embed"].pending = False
+            release(seg.needs)
+    resident = [n for n in sizes if n not in read_names]
+    return Residency(True, reads, read_bytes, peak, _pool(pool), resident)
+
+
+def _pool(pool: dict[int, int]) -> int:
+    return sum(size * count for size, count in pool.items())
+
+
+def min_weights_budget(spec: ModelSpec, depth: int = 2) -> int:
+    """The smallest weights budget under which a step can run (4 KiB granularity)."""
+    lo = max(u.nbytes for u in spec.units)   # infeasible below one unit
+    hi = spec.total_bytes                    # everything resident always works
+    if not simulate(spec, lo, depth, steps=2).feasible:
+        while hi - lo > 4096:
+            mid = (lo + hi) // 2 // 4096 * 4096
+            if simulate(spec, mid, depth, steps=2).feasible:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+    return lo
