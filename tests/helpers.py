@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lomo_runtime.synthetic import save_char_tokenizer  # noqa: F401  (re-exported for tests)
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
 # Every block of these models is a few tens of KB in fp32, so a 20 KB limit
@@ -52,25 +53,3 @@ def make_tiny_model(
     out = Path(tmp_path) / name
     model.save_pretrained(out, max_shard_size=SHARD_SIZE if sharded else "1GB")
     return out
-
-
-def save_char_tokenizer(model_dir: Path) -> Path:
-    """Save a character-level tokenizer (ids < 104, fits the tiny vocab of 128) beside a model.
-
-    Ids 0-3 are <pad>, <unk>, <s>, </s>; the tiny configs use bos=0/eos=1 only for
-    generation, which these tests never run.
-    """
-    import string
-
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = sorted(set(string.printable))
-    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3} | {c: i + 4 for i, c in enumerate(chars)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.save_pretrained(model_dir)
-    return Path(model_dir)
