@@ -10,12 +10,17 @@ weights). A `TorchDispatchMode` counts the bytes of every live tensor storage
 created during the step (parameters and buffers excluded: weights are the
 staging pool's) and keeps the peak; `FlopCounterMode` counts the FLOPs.
 
-Only activations grow with depth, and only by one saved block input
-(B * T * hidden * itemsize) per block, so the step is traced with one and two
-blocks and extrapolated linearly to L blocks: peak(L) = p1 + (L - 1) * (p2 - p1).
+Only activations grow with depth, by a fixed amount per block within each
+phase of the step (forward and loss: one saved block input, B*T*hidden*itemsize;
+block backwards: that plus the block's input gradient, which the runtime's
+segments keep until the step's backward ends), so the step is traced with two
+and three blocks (the first block's backward is special: no earlier input
+gradient is held yet) and each phase's peak is extrapolated linearly to L
+blocks: peak(L) = max over phases of p2 + (L - 2) * (p3 - p2).
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 import torch
@@ -33,6 +38,7 @@ class StepTrace:
     peak_bytes: int          # activations, saved segment inputs, logits, loss, gradient transients
     per_block_bytes: int     # what one more block adds to the peak (its saved input)
     flops: int               # forward + recompute + backward
+    largest_bytes: int       # the largest tensor allocated during the step (sizes the allocator's slack)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -49,6 +55,9 @@ class LiveBytes(TorchDispatchMode):
         self._live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
+        self.largest = 0
+        self.phase = "forward"
+        self.peaks: dict[str, int] = {}  # phase -> its high-water mark
 
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
@@ -59,6 +68,8 @@ class LiveBytes(TorchDispatchMode):
         self._live[key] = nbytes
         self.current += nbytes
         self.peak = max(self.peak, self.current)
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.current)
+        self.largest = max(self.largest, nbytes)
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
@@ -72,8 +83,22 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-class _NoStreaming(SegmentHooks):
-    """The traced model keeps its (fake) parameters: nothing to acquire or release."""
+class _Phases(SegmentHooks):
+    """Nothing to stream (the traced model keeps its fake parameters); marks the step's phases.
+
+    Phases: "forward" (through the loss and the head's backward), "blocks" (block
+    backwards), "embed". Each phase's peak is linear in depth with its own slope
+    (in "blocks" each block still holds its saved input and its input gradient:
+    2 * B*T*H*itemsize per block), so each is extrapolated separately.
+    """
+
+    def __init__(self) -> None:
+        self.live: LiveBytes | None = None
+
+    def segment_backward_begin(self, segment: Segment) -> None:
+        if self.live is not None:
+            self.live.phase = "blocks" if segment.owner.startswith("block") else (
+                "embed" if segment.owner == "embed" else "forward")
 
 
 def _hf_config(spec: ModelSpec, layers: int):
@@ -86,15 +111,18 @@ def _hf_config(spec: ModelSpec, layers: int):
     return hf
 
 
-def _trace(spec: ModelSpec, batch: int, seq_len: int, layers: int) -> tuple[int, int]:
-    """(peak live bytes, FLOPs) of one fake step of a `layers`-block version of the model."""
+def _trace(spec: ModelSpec, batch: int, seq_len: int, layers: int, fake: bool = True) -> tuple[dict[str, int], int, int]:
+    """(peak live bytes, FLOPs, largest tensor bytes) of one step of a `layers`-block version of the model.
+
+    `fake=False` runs real tensors (small models only): tests use it to check the fake trace.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[spec.dtype]
     hf = _hf_config(spec, layers)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
@@ -126,7 +154,7 @@ def _trace(spec: ModelSpec, batch: int, seq_len: int, layers: int) -> tuple[int,
 
         for p in params.values():
             p.register_post_accumulate_grad_hook(fused_update)
-        hooks = _NoStreaming()
+        hooks = _Phases()
         for path, owner in spec.arch.segments(spec.config | {spec.arch.config_keys["num_layers"][0]: layers}):
             module = model.get_submodule(path)
             seg = Segment(path=path, owner=owner, needs=[owner], module=module, forward=module.forward,
@@ -134,18 +162,19 @@ def _trace(spec: ModelSpec, batch: int, seq_len: int, layers: int) -> tuple[int,
             wrap_segment(seg, hooks)
         ids = torch.zeros(batch, seq_len, dtype=torch.long)
         live = LiveBytes(exclude=[*model.parameters(), *model.buffers(), ids])
+        hooks.live = live
         flops = FlopCounterMode(display=False)
         with live, flops:
             out = model(input_ids=ids, labels=ids, use_cache=False)
             out.loss.backward()
             del out
-    return live.peak, flops.get_total_flops()
+    return live.peaks, flops.get_total_flops(), live.largest
 
 
-_CACHE: dict[tuple, tuple[int, int]] = {}
+_CACHE: dict[tuple, tuple[dict[str, int], int, int]] = {}
 
 
-def _trace_cached(key: tuple, spec: ModelSpec, batch: int, seq_len: int, layers: int) -> tuple[int, int]:
+def _trace_cached(key: tuple, spec: ModelSpec, batch: int, seq_len: int, layers: int) -> tuple[dict[str, int], int, int]:
     full = (key, batch, seq_len, layers)
     if full not in _CACHE:
         _CACHE[full] = _trace(spec, batch, seq_len, layers)
@@ -153,10 +182,17 @@ def _trace_cached(key: tuple, spec: ModelSpec, batch: int, seq_len: int, layers:
 
 
 def trace_step(spec: ModelSpec, batch: int, seq_len: int) -> StepTrace:
-    """Activation peak and FLOPs of one step of the full model, from 1- and 2-block traces."""
+    """Activation peak and FLOPs of one step of the full model, from 2- and 3-block traces."""
     key = (repr(sorted(spec.config.items())), spec.dtype, spec.rule)
-    p1, f1 = _trace_cached(key, spec, batch, seq_len, 1)
-    p2, f2 = _trace_cached(key, spec, batch, seq_len, 2)
     layers = spec.dims.num_layers
-    return StepTrace(peak_bytes=p1 + (layers - 1) * (p2 - p1), per_block_bytes=p2 - p1,
-                     flops=f1 + (layers - 1) * (f2 - f1))
+    if layers <= 3:
+        peaks, flops, big = _trace_cached(key, spec, batch, seq_len, layers)
+        top = max(peaks.values())
+        return StepTrace(peak_bytes=top, per_block_bytes=0, flops=flops, largest_bytes=big)
+    # From two and three blocks: the first block's backward holds no earlier block's input gradient yet.
+    p2, f2, big = _trace_cached(key, spec, batch, seq_len, 2)
+    p3, f3, _ = _trace_cached(key, spec, batch, seq_len, 3)
+    lines = {phase: (p2[phase], p3[phase] - p2[phase]) for phase in p2}
+    top = max(lines, key=lambda ph: lines[ph][0] + (layers - 2) * lines[ph][1])
+    return StepTrace(peak_bytes=lines[top][0] + (layers - 2) * lines[top][1], per_block_bytes=lines[top][1],
+                     flops=f2 + (layers - 2) * (f3 - f2), largest_bytes=big)

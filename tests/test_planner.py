@@ -1,0 +1,173 @@
+"""Planner: unit sizes, the scheduler replay, traced activations, the plan, the CLI, and measured accuracy."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_tiny_model, tiny_config
+from lomo_runtime.cli import main
+from lomo_runtime.errors import DoesNotFit
+from lomo_runtime.planner import Machine, ModelSpec, RunConfig, largest_fitting, plan
+from lomo_runtime.planner.activations import _trace, trace_step
+from lomo_runtime.planner.residency import min_weights_budget, simulate
+from lomo_runtime.rules import SGD
+from lomo_runtime.runtime import Runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_7B = ROOT / "configs" / "models" / "llama-7b"
+MACHINE = Machine(host_memory_bytes=64 * 2**30, framework_bytes=390 * 2**20)
+
+
+@pytest.fixture(autouse=True)
+def _no_user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOMO_RUN_CACHE", str(tmp_path / "cache"))  # never read or write ~/.cache
+
+
+def _run_steps(rt: Runtime, steps: int = 3, seq: int = 16) -> list[int]:
+    ids = torch.randint(0, 128, (2, seq), generator=torch.Generator().manual_seed(0))
+    reads = []
+    for _ in range(steps):
+        before = rt.scheduler.stats.reads
+        out = rt.model(input_ids=ids, labels=ids)
+        rt.backward(out.loss)
+        reads.append(rt.scheduler.stats.reads - before)
+    return reads
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_unit_bytes_match_the_working_store(tmp_path, tied):
+    model = make_tiny_model(tmp_path, "llama", tied=tied)
+    spec = ModelSpec.from_config(tiny_config("llama", tied=tied).to_dict())
+    with Runtime(model, rule=SGD(lr=1e-3), work_dir=tmp_path / "w") as rt:
+        assert {n: r.nbytes for n, r in rt.store.units.items()} == {u.name: u.nbytes for u in spec.units}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("budget", [None, 49152, 65536, 69632, 120000])
+def test_replay_matches_the_scheduler(tmp_path, tied, budget):
+    """Reads per step, peak resident bytes and the staging pool's footprint, exactly."""
+    model = make_tiny_model(tmp_path, "llama", tied=tied)
+    spec = ModelSpec.from_config(tiny_config("llama", tied=tied).to_dict())
+    sim = simulate(spec, budget, depth=2, steps=3)
+    with Runtime(model, rule=SGD(lr=1e-3), work_dir=tmp_path / "w", weights_budget=budget) as rt:
+        if not sim.feasible:
+            with pytest.raises(DoesNotFit):
+                _run_steps(rt)
+            return
+        assert _run_steps(rt) == sim.reads_per_step
+        assert rt.scheduler.stats.peak_resident_bytes == sim.peak_resident_bytes
+        assert rt.pool.peak_bytes == sim.pool_bytes
+
+
+def test_min_budget_holds_the_tied_embedding_beside_a_block():
+    tied = ModelSpec.from_config(tiny_config("llama", tied=True).to_dict())
+    untied = ModelSpec.from_config(tiny_config("llama", tied=False).to_dict())
+    assert min_weights_budget(tied) == tied.unit("embed").nbytes + tied.unit("block.0").nbytes
+    assert min_weights_budget(untied) == max(u.nbytes for u in untied.units)
+
+
+@pytest.mark.parametrize("vocab", [128, 4096])
+def test_activation_trace_extrapolates_linearly_in_depth(vocab):
+    """Small vocab: block backwards dominate (2 B*T*H per block); large: the loss does (1 per block)."""
+    config = tiny_config("llama", tied=True, hidden_size=64, intermediate_size=128, vocab_size=vocab).to_dict()
+    spec5 = ModelSpec.from_config({**config, "num_hidden_layers": 5})
+    direct, flops, _ = _trace(spec5, 2, 32, 5)
+    predicted = trace_step(spec5, 2, 32)
+    assert predicted.peak_bytes == max(direct.values()) and predicted.flops == flops
+    assert predicted.per_block_bytes == (2 if vocab == 128 else 1) * 2 * 32 * 64 * 4
+
+
+def test_fake_trace_agrees_with_real_tensors():
+    spec = ModelSpec.from_config(tiny_config("llama", tied=True, hidden_size=64, intermediate_size=128).to_dict())
+    fake, _, _ = _trace(spec, 2, 32, 2)
+    real, _, _ = _trace(spec, 2, 32, 2, fake=False)
+    assert abs(max(fake.values()) - max(real.values())) / max(real.values()) < 0.06
+
+
+def test_llama_7b_matches_the_papers_arithmetic():
+    """LLaMA-7B in fp16: 6,738,415,616 params; AdamW 16 B/param, SGD 8 B/param (PAPER.md)."""
+    config = json.loads((LLAMA_7B / "config.json").read_text())
+    p = plan(config, RunConfig(seq_len=512, dtype="fp16", device="cuda", memory_budget=24 * 2**30), MACHINE)
+    assert p.params == 6_738_415_616
+    alt = {a.name: a for a in p.alternatives}
+    act = p.memory["activation_bytes"] + p.memory["framework_bytes"]
+    assert alt["AdamW, all in memory"].peak_device_bytes == 16 * p.params + act
+    assert p.fits and all(s == "resident" for s in p.placement.values())  # 7B fits a 24 GB card, as in the paper
+    small = plan(config, RunConfig(seq_len=512, dtype="fp16", memory_budget=4 * 2**30), MACHINE)
+    assert small.fits and "streamed" in small.placement.values() and small.peak_host_bytes <= 4 * 2**30
+
+
+def test_largest_batch_that_fits(tmp_path):
+    config = json.loads((LLAMA_7B / "config.json").read_text())
+    run = RunConfig(seq_len=512, dtype="bf16", memory_budget=6 * 2**30)
+    best = largest_fitting(config, run, MACHINE, "batch_size")
+    assert best.fits and best.batch_size >= 1
+    over = plan(config, RunConfig(seq_len=512, batch_size=best.batch_size + 1, dtype="bf16",
+                                  memory_budget=6 * 2**30), MACHINE)
+    assert not over.fits
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_plan_json_contract_from_config_alone(tmp_path, capsys):
+    code, out, _ = _cli(capsys, "plan", "--model", str(LLAMA_7B), "--seq-len", "256", "--dtype", "bf16",
+                        "--memory-budget", "8GiB", "--json")
+    assert code == 0
+    p = json.loads(out)
+    for key in ("fits", "peak_device_bytes", "peak_host_bytes", "nvme_bytes", "io_bytes_per_step",
+                "est_step_time_s", "placement"):
+        assert key in p
+    assert p["fits"] and set(p["placement"]) == {"embed", "head", *(f"block.{i}" for i in range(32))}
+    code, out, _ = _cli(capsys, "plan", "--model", str(LLAMA_7B), "--memory-budget", "8GiB")
+    assert code == 0 and "AdamW, all in memory" in out
+
+
+def test_plan_bad_input_and_impossible_budget(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    code, _, err = _cli(capsys, "plan", "--model", str(bad))
+    assert code == 2 and "missing" in err
+    (bad / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    code, _, err = _cli(capsys, "plan", "--model", str(bad))
+    assert code == 2 and "not supported" in err
+    code, _, err = _cli(capsys, "plan", "--model", str(LLAMA_7B), "--memory-budget", "100MiB")
+    assert code == 3 and "smallest budget" in err
+
+
+def test_runtime_memory_budget_uses_the_planner(tmp_path):
+    model = make_tiny_model(tmp_path, "llama", tied=True)
+    with pytest.raises(DoesNotFit, match="smallest budget"):
+        Runtime(model, rule=SGD(lr=1e-3), work_dir=tmp_path / "w1", memory_budget="64MiB", seq_len=16)
+    with Runtime(model, rule=SGD(lr=1e-3), work_dir=tmp_path / "w2", memory_budget="4GiB", seq_len=16,
+                 batch_size=2) as rt:
+        spec = ModelSpec.from_config(rt.checkpoint.config)
+        assert rt.weights_budget == spec.total_bytes  # everything fits: nothing streams
+        _run_steps(rt, steps=1)
+
+
+def test_predicted_peak_host_memory_within_10_percent(tmp_path):
+    """One configuration of tools/plan_accuracy.py: a fresh process trains, its peak RSS is measured."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import plan_accuracy
+
+    from lomo_runtime.probe import measure_framework_bytes
+
+    model = plan_accuracy.make_model(tmp_path / "small", plan_accuracy.MODELS["small"])
+    config = json.loads((model / "config.json").read_text())
+    machine = Machine(host_memory_bytes=64 * 2**30, framework_bytes=measure_framework_bytes())
+    run = RunConfig(seq_len=256, batch_size=1)
+    run.weights_budget = plan(config, run, machine).min_weights_budget  # force streaming
+    predicted = plan(config, run, machine).peak_host_bytes
+    measured = plan_accuracy.run_child(dict(model_dir=str(model), work_root=str(tmp_path), seq_len=256,
+                                            batch_size=1, steps=2, weights_budget=run.weights_budget))
+    assert abs(predicted - measured["peak_rss_bytes"]) / measured["peak_rss_bytes"] < 0.10
