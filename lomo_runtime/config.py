@@ -51,6 +51,7 @@ class TrainConfig:
     prefetch_depth: int = 2              # units read ahead of use
     io_threads: int = 2
     threads: int | None = None           # torch intra-op threads (default: torch's choice)
+    max_dropped_steps: int = 5           # stop after this many consecutive dropped (non-finite) steps
     resume: bool = False
 
     def validate(self) -> "TrainConfig":
@@ -67,6 +68,7 @@ class TrainConfig:
         _nonneg_int("export_every", self.export_every)
         _positive_int("prefetch_depth", self.prefetch_depth)
         _positive_int("io_threads", self.io_threads)
+        _positive_int("max_dropped_steps", self.max_dropped_steps)
         if self.threads is not None:
             _positive_int("threads", self.threads)
         _finite("lr", self.lr, minimum=0.0, strict=True)

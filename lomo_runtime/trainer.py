@@ -20,12 +20,18 @@ import torch
 
 from .config import TrainConfig
 from .data import Batches, load_examples, load_tokenizer, pack, pad_id_of, split_holdout, tokenize_examples, tokens_in
-from .errors import UserError
+from .errors import LomoError, UserError
 from .memory import peak_rss_bytes, reset_peak_rss
 from .progress import MetricsWriter, Progress
 from .rules import SGD
 from .runtime import Runtime
 from .schedule import LRSchedule
+
+
+class TrainingStopped(LomoError):
+    """Training cannot make progress (e.g. every step is non-finite); the store is intact."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -108,6 +114,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         progress = Progress(cfg.steps, start_step=rt.step)
         last_loss: float | None = None
         eval_loss: float | None = None
+        dropped_in_a_row = dropped_total = 0
         try:
             while rt.step < cfg.steps:
                 step = rt.step  # 0-based index of the step being run
@@ -138,6 +145,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                     "io_wait_s": rt.scheduler.stats.waits_s - wait0,
                     "dropped": result.dropped,
                 }
+                dropped_in_a_row = dropped_in_a_row + 1 if result.dropped else 0
+                dropped_total += result.dropped
+                record["dropped_total"] = dropped_total
                 if result.dropped:
                     # The data position was not committed: a resumed run replays this batch and,
                     # being deterministic, drops it again, so both runs stay identical.
@@ -147,6 +157,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                     record["eval_loss"] = eval_loss
                 metrics.write(record)
                 progress.update(rt.step, last_loss, tokens, record["peak_host_bytes"])
+                if dropped_in_a_row >= cfg.max_dropped_steps:
+                    raise TrainingStopped(
+                        f"{dropped_in_a_row} consecutive steps were dropped ({result.reason}); stopping. "
+                        f"The working store holds the last good step, {rt.step}; lower --lr or check the data, "
+                        "then continue with --resume"
+                    )
                 if cfg.export_every and rt.step % cfg.export_every == 0 and not result.dropped:
                     _export(rt, out / f"checkpoint-{rt.step}")
             eval_loss = evaluate(rt, eval_batches, cfg.eval_batches)

@@ -31,6 +31,7 @@ from ..config import load_yaml, merge
 @click.option("--export-every", type=int)
 @click.option("--prefetch-depth", type=int)
 @click.option("--threads", type=int, help="torch intra-op threads.")
+@click.option("--max-dropped-steps", type=int, help="Stop after this many consecutive non-finite steps (default 5).")
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in OUT from its last committed step.")
 def train_command(config_file: str | None, **flags: object) -> None:
     """Fine-tune every parameter with fused LOMO updates, streaming weights within the budget."""
