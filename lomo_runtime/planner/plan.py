@@ -294,7 +294,9 @@ def format_plan(p: Plan) -> str:
         "",
         "memory                         bytes",
         f"  framework                    {format_size(m['framework_bytes']):>10}",
-        f"  staging (weights)            {format_size(m['staging_bytes']):>10}",
+        f"  staging (weights)            {format_size(m['staging_bytes']):>10}"
+        + ("   (host, pinned)" if p.device == "cuda" else ""),
+        *([f"  device weights               {format_size(m['device_weights_bytes']):>10}"] if p.device == "cuda" else []),
         f"  allocator slack              {format_size(m['allocator_slack_bytes']):>10}",
         f"  activations + transients     {format_size(m['activation_bytes']):>10}"
         f"   (+{format_size(m['activation_per_block_bytes'])}/block; gradient transient "
