@@ -49,12 +49,15 @@ class Unit:
     name: str
     nbytes: int                                    # staging bytes (the unit file, 4 KiB multiple)
     params: list[tuple[nn.Parameter, torch.dtype, tuple[int, ...], int, int]]  # (param, dtype, shape, offset, nbytes)
+    # Update-rule state streamed with the unit: (the parameter's state dict, key, dtype, shape, offset, nbytes).
+    states: list[tuple[dict, str, torch.dtype, tuple[int, ...], int, int]] = field(default_factory=list)
     state: UnitState = UnitState.ON_DISK
     buffer: torch.Tensor | None = None
     bound: bool = False
     pins: int = 0                                  # segments running with this unit right now
     pending_grads: int = 0                         # gradients accumulated but not yet applied
-    updated: bool = False                          # weights changed since the last commit
+    updated: bool = False                          # weights or state changed since the last commit
+    dirty: bool = False                            # changed since its last write-back began
     future: Future | None = None                   # the in-flight read or write
     written: object | None = None                  # store record of the newest uncommitted write
 
@@ -176,7 +179,16 @@ class Scheduler:
         assert unit.buffer is not None
         for param, dtype, shape, offset, nbytes in unit.params:
             bind(param, unit.buffer[offset:offset + nbytes].view(dtype).view(shape))
+        for state, key, dtype, shape, offset, nbytes in unit.states:
+            state[key] = unit.buffer[offset:offset + nbytes].view(dtype).view(shape)
         unit.bound = True
+
+    def _unbind(self, unit: Unit) -> None:
+        for param, *_ in unit.params:
+            unbind(param)
+        for state, key, *_ in unit.states:
+            state.pop(key, None)
+        unit.bound = False
 
     def prefetch(self) -> None:
         """Start reads for the next units in the sequence while they fit (evicting only later-used units)."""
@@ -213,7 +225,7 @@ class Scheduler:
             unit.state in (UnitState.RESIDENT, UnitState.WRITING)
             and unit.pins == 0
             and unit.pending_grads == 0
-            and not (unit.updated and unit.state is UnitState.RESIDENT and unit.written is None)
+            and not unit.dirty
         )
 
     def _make_room(self, nbytes: int, before: int, required: bool) -> bool:
@@ -256,9 +268,7 @@ class Scheduler:
             self._wait(unit)
             self._finish_write(unit)
         if unit.bound:
-            for param, *_ in unit.params:
-                unbind(param)
-            unit.bound = False
+            self._unbind(unit)
         self.pool.release(unit.buffer)
         unit.buffer = None
         unit.state = UnitState.ON_DISK
@@ -268,6 +278,7 @@ class Scheduler:
         """Start writing an updated unit as a new (uncommitted) generation."""
         unit = self.units[name]
         assert unit.state is UnitState.RESIDENT and unit.buffer is not None
+        unit.dirty = False
         unit.state = UnitState.WRITING
         unit.future = self._io.submit(self._write, name, unit.buffer, generation)
 
@@ -283,6 +294,14 @@ class Scheduler:
         unit.written = unit.future.result()
         unit.future = None
         unit.state = UnitState.RESIDENT
+
+    def ensure_writable(self, names: Sequence[str]) -> None:
+        """Wait for in-flight writes of `names`: their buffers are about to change."""
+        for name in names:
+            unit = self.units[name]
+            if unit.state is UnitState.WRITING:
+                self._wait(unit)
+                self._finish_write(unit)
 
     def _reap(self) -> None:
         for unit in self.units.values():
@@ -322,6 +341,7 @@ class Scheduler:
         for unit in self.units.values():
             unit.written = None
             unit.updated = False
+            unit.dirty = False
 
     def rollback(self) -> None:
         """Forget every update since the last commit: changed units are dropped and re-read."""
@@ -332,6 +352,7 @@ class Scheduler:
                     unit.pins = 0
                     self._evict(unit)
                 unit.updated = False
+                unit.dirty = False
                 unit.written = None
             unit.pending_grads = 0
 
@@ -345,9 +366,7 @@ class Scheduler:
                     unit.pins = 0
                     unit.pending_grads = 0
                     if unit.bound:
-                        for param, *_ in unit.params:
-                            unbind(param)
-                        unit.bound = False
+                        self._unbind(unit)
                     self.pool.release(unit.buffer)
                     unit.buffer = None
                     unit.state = UnitState.ON_DISK

@@ -74,7 +74,7 @@ def test_streamed_sgd_matches_torch_sgd(tmp_path: Path, arch: str, tied: bool) -
             assert rt.step == STEPS
             if budget is not None:
                 assert rt.scheduler.stats.peak_resident_bytes <= budget
-            trained = dict(rt.store.iter_tensors())
+            trained = dict(rt.iter_weights())
         expected = ref.state_dict()
         for name, tensor in trained.items():
             diff = (tensor - expected[name]).abs().max().item()
@@ -112,11 +112,11 @@ def test_non_finite_loss_drops_the_step(tmp_path: Path) -> None:
     model_dir = make_tiny_model(tmp_path, arch="llama", tied=True)
     ids = _batches(128, 1)[0]
     with Runtime(model_dir, SGD(lr=LR), work_dir=tmp_path / "work") as rt:
-        before = {k: v.clone() for k, v in rt.store.iter_tensors()}
+        before = {k: v.clone() for k, v in rt.iter_weights()}
         out = rt.model(input_ids=ids, labels=ids)
         result = rt.backward(out.loss * float("nan"))
         assert result.dropped and rt.step == 0
-        after = dict(rt.store.iter_tensors())
+        after = dict(rt.iter_weights())
         assert all(torch.equal(before[k], after[k]) for k in before)
         out = rt.model(input_ids=ids, labels=ids)  # the runtime is usable again
         assert not rt.backward(out.loss).dropped and rt.step == 1
@@ -126,7 +126,7 @@ def test_non_finite_gradient_mid_backward_leaves_no_partial_update(tmp_path: Pat
     model_dir = make_tiny_model(tmp_path, arch="llama", tied=False)
     ids = _batches(128, 1)[0]
     with Runtime(model_dir, SGD(lr=LR), work_dir=tmp_path / "work", weights_budget=None) as rt:
-        before = {k: v.clone() for k, v in rt.store.iter_tensors()}
+        before = {k: v.clone() for k, v in rt.iter_weights()}
         # Poison block 0 only: the head and block 1 are updated before backward reaches it.
         poison = rt.model.get_parameter("model.layers.0.mlp.down_proj.weight")
         handle = poison.register_hook(lambda g: torch.full_like(g, float("inf")))
@@ -134,7 +134,7 @@ def test_non_finite_gradient_mid_backward_leaves_no_partial_update(tmp_path: Pat
         result = rt.backward(out.loss)
         handle.remove()
         assert result.dropped and "model.layers.0.mlp.down_proj.weight" in result.reason
-        after = dict(rt.store.iter_tensors())
+        after = dict(rt.iter_weights())
         assert all(torch.equal(before[k], after[k]) for k in before)
         # Resident units were rolled back too: a fresh forward sees the old weights.
         with torch.no_grad():
