@@ -24,6 +24,13 @@ backend with the same two methods; it must align every request the same way.
 Measured on this machine (reference/machine.md): O_DIRECT ``preadv`` into an
 aligned torch buffer 1.25-1.34 GB/s, buffered cold reads 0.7-1.3 GB/s,
 DeepSpeed aio 1.36-1.45 GB/s (after a 7.5 min JIT build).
+
+Fault injection (tests only): ``FAULTS`` can make the Nth read, write, fsync,
+rename or unlink of a matching file fail with an errno (ENOSPC, EIO, ...) or
+stall, so tests can break the store at chosen points. It is armed in-process
+with ``FAULTS.arm(spec)`` or, for a subprocess, with the environment variable
+``LOMO_RUN_FAULTS`` (read once, at import). Disarmed, a fault point costs one
+attribute test. See ``FaultInjector`` for the spec grammar.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import fcntl
 import mmap
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Protocol, Union
 
@@ -133,6 +141,175 @@ def reset_io_stats() -> None:
     with _STATS.lock:
         for key in _STAT_KEYS:
             setattr(_STATS, key, 0)
+
+
+# ---------------------------------------------------------------- fault injection (tests only)
+
+FAULTS_ENV = "LOMO_RUN_FAULTS"
+"""Environment variable holding a fault spec, read once when this module is imported."""
+FAULT_TRACE_ENV = "LOMO_RUN_FAULT_TRACE"
+"""Environment variable naming a file to which every fault point appends a line (tests time kills by it)."""
+
+FAULT_OPS = ("read", "write", "fsync", "rename", "unlink")
+
+
+@dataclass
+class FaultRule:
+    """One armed fault: on matching calls number ``nth`` (1-based), and every later one when
+    ``repeat``, raise ``OSError(error)`` or, when ``sleep`` is set, stall that long and go on."""
+
+    op: str
+    nth: int = 1
+    repeat: bool = False
+    error: int | None = errno.ENOSPC
+    sleep: float | None = None
+    match: str = ""
+    seen: int = 0
+    fired: int = 0
+
+    def wants(self, op: str, name: str) -> bool:
+        if op != self.op:
+            return False
+        if self.match.endswith("$"):
+            return name.endswith(self.match[:-1])
+        return self.match in name
+
+
+class FaultInjector:
+    """Test-only hook that breaks the I/O of this module and of the store's commit on request.
+
+    Spec grammar (``arm`` and ``LOMO_RUN_FAULTS``): rules separated by commas, each
+    ``OP:WHEN:ACTION[:MATCH]`` where
+
+    - OP is one of ``read``, ``write`` (a unit file's data, or the manifest),
+      ``fsync`` (a file or a directory), ``rename`` (the manifest), ``unlink``;
+    - WHEN is ``N`` (the Nth matching call only), ``N+`` (the Nth and every later
+      one: a disk that stays full) or ``*`` (every call);
+    - ACTION is an errno name (``ENOSPC``, ``EIO``, ...) or ``sleep=SECONDS``;
+    - MATCH, optional, is a substring the file's path must contain (``manifest``,
+      ``block.1``, ``units``); a trailing ``$`` anchors it at the end (``/store$``).
+
+    ``write:3:ENOSPC`` fails the third file write; ``rename:1+:EIO:manifest`` every
+    commit; ``read:*:sleep=0.2`` slows every read. Counting is per rule, over the
+    calls that match it. A fault raises ``OSError`` where the real call would, so
+    it takes the same error path as a real failure.
+
+    With ``LOMO_RUN_FAULT_TRACE=FILE`` every fault point appends ``B <seq> <pid> <op> <path>``
+    when reached and ``A <seq>`` when it lets the real call go ahead (after any stall):
+    a process killed during a stall leaves a ``B`` line without its ``A``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.rules: list[FaultRule] = []
+        self.trace_path: str | None = None
+        self._trace_fd: int | None = None
+        self._seq = 0
+        self.active = False
+
+    # -- arming ------------------------------------------------------------------
+
+    def arm(self, spec: str) -> "FaultInjector":
+        """Add the rules of ``spec`` (grammar above); ``ValueError`` on a malformed one."""
+        rules = [self._parse(part.strip()) for part in spec.split(",") if part.strip()]
+        with self._lock:
+            self.rules.extend(rules)
+            self._update()
+        return self
+
+    def trace_to(self, path: str | os.PathLike | None) -> None:
+        """Append a line per fault point reached to ``path`` (None: stop tracing)."""
+        with self._lock:
+            if self._trace_fd is not None:
+                os.close(self._trace_fd)
+                self._trace_fd = None
+            self.trace_path = None if path is None else os.fspath(path)
+            if self.trace_path is not None:
+                self._trace_fd = os.open(self.trace_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._update()
+
+    def disarm(self) -> None:
+        """Remove every rule and stop tracing."""
+        with self._lock:
+            self.rules.clear()
+        self.trace_to(None)
+
+    def load_env(self, environ: "os._Environ[str] | dict[str, str] | None" = None) -> "FaultInjector":
+        """Replace the armed state with what ``LOMO_RUN_FAULTS``/``LOMO_RUN_FAULT_TRACE`` say
+        (done at import; a test harness that forks workers calls it again in each child)."""
+        env = os.environ if environ is None else environ
+        self.disarm()
+        if env.get(FAULTS_ENV):
+            self.arm(env[FAULTS_ENV])
+        if env.get(FAULT_TRACE_ENV):
+            self.trace_to(env[FAULT_TRACE_ENV])
+        return self
+
+    @staticmethod
+    def _parse(part: str) -> FaultRule:
+        fields = part.split(":", 3)
+        if len(fields) < 3:
+            raise ValueError(f"fault {part!r}: expected OP:WHEN:ACTION[:MATCH]")
+        op, when, action = fields[:3]
+        match = fields[3] if len(fields) == 4 else ""
+        if op not in FAULT_OPS:
+            raise ValueError(f"fault {part!r}: op must be one of {', '.join(FAULT_OPS)}")
+        if when == "*":
+            nth, repeat = 1, True
+        else:
+            repeat = when.endswith("+")
+            try:
+                nth = int(when.rstrip("+"))
+            except ValueError:
+                raise ValueError(f"fault {part!r}: WHEN must be N, N+ or *") from None
+            if nth < 1:
+                raise ValueError(f"fault {part!r}: calls are counted from 1")
+        if action.startswith("sleep="):
+            return FaultRule(op, nth, repeat, error=None, sleep=float(action[len("sleep="):]), match=match)
+        code = getattr(errno, action, None)
+        if not isinstance(code, int):
+            raise ValueError(f"fault {part!r}: {action!r} is neither an errno name nor sleep=SECONDS")
+        return FaultRule(op, nth, repeat, error=code, match=match)
+
+    def _update(self) -> None:
+        self.active = bool(self.rules) or self._trace_fd is not None
+
+    # -- the fault point -----------------------------------------------------------
+
+    def hit(self, op: str, path: PathOrFd) -> None:
+        """Called just before the real ``op`` on ``path``: trace it, then stall or raise if a rule says so."""
+        name = _describe(path)
+        fire: list[FaultRule] = []
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            if self._trace_fd is not None:
+                os.write(self._trace_fd, f"B {seq} {os.getpid()} {op} {name}\n".encode())
+            for rule in self.rules:
+                if rule.wants(op, name):
+                    rule.seen += 1
+                    if rule.seen == rule.nth or (rule.repeat and rule.seen > rule.nth):
+                        rule.fired += 1
+                        fire.append(rule)
+        for rule in fire:
+            if rule.sleep is not None:
+                time.sleep(rule.sleep)
+        for rule in fire:
+            if rule.error is not None:
+                raise OSError(rule.error, f"{os.strerror(rule.error)} (injected fault {op})", name)
+        with self._lock:
+            if self._trace_fd is not None:
+                os.write(self._trace_fd, f"A {seq}\n".encode())
+
+
+FAULTS = FaultInjector()
+"""The process's fault injector: disarmed unless ``LOMO_RUN_FAULTS`` was set at import."""
+
+
+def fault_point(op: str, path: PathOrFd) -> None:
+    """A place where a real ``op`` on ``path`` is about to happen; raises ``OSError`` if a test armed a fault."""
+    if FAULTS.active:
+        FAULTS.hit(op, path)
 
 
 # ---------------------------------------------------------------- file handles
@@ -257,6 +434,10 @@ def read_into(path_or_fd: PathOrFd, offset: int, buf: torch.Tensor, nbytes: int,
         got = 0
         direct_bytes = 0
         fallback = direct and not handle.direct
+        try:
+            fault_point("read", handle.name)
+        except OSError as e:
+            raise StoreError(f"read of {handle.name} at {offset} failed: {e.strerror}") from e
         if handle.direct:
             if offset % ALIGN == 0 and buf.data_ptr() % ALIGN == 0:
                 span = align_up(nbytes) if buf.numel() >= align_up(nbytes) else align_down(nbytes)
@@ -322,6 +503,7 @@ def write_file(path: PathOrFd, buf: torch.Tensor, nbytes: int, direct: bool = Tr
         direct_bytes = 0
         fallback = direct and not handle.direct
         try:
+            fault_point("write", handle.name)
             if handle.direct:
                 if buf.data_ptr() % ALIGN == 0 and buf.numel() >= padded:
                     if padded > nbytes:
@@ -344,6 +526,7 @@ def write_file(path: PathOrFd, buf: torch.Tensor, nbytes: int, direct: bool = Tr
                     done += n
             if direct_bytes > nbytes:
                 os.ftruncate(handle.fd, nbytes)
+            fault_point("fsync", handle.name)
             os.fsync(handle.fd)
         except OSError as e:
             raise StoreError(f"write of {handle.name} failed: {e.strerror}") from e
@@ -393,3 +576,6 @@ def get_backend(name: str = "posix") -> IOBackend:
         return _BACKENDS[name]
     except KeyError:
         raise UserError(f"unknown I/O backend {name!r}; available: {', '.join(sorted(_BACKENDS))}") from None
+
+
+FAULTS.load_env()  # test-only faults for a subprocess: LOMO_RUN_FAULTS, LOMO_RUN_FAULT_TRACE

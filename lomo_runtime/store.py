@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from .errors import StoreError
-from .io import ALIGN, align_up, aligned_empty, read_into, write_file
+from .io import ALIGN, align_up, aligned_empty, fault_point, read_into, write_file
 
 FORMAT = "lomo-run working store"
 VERSION = 1
@@ -244,6 +244,7 @@ def _acquire_lock(work: Path) -> int:
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        fault_point("fsync", path)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -251,9 +252,19 @@ def _fsync_dir(path: Path) -> None:
 
 def _unlink(path: Path) -> bool:
     try:
+        fault_point("unlink", path)
         os.unlink(path)
         return True
     except FileNotFoundError:
+        return False
+
+
+def _unlink_unreferenced(path: Path) -> bool:
+    """Delete a file no committed manifest names. Best effort: one that cannot be deleted now
+    (EIO, a read-only remount) is harmless and goes at the next ``open``, so it never fails a step."""
+    try:
+        return _unlink(path)
+    except OSError:
         return False
 
 
@@ -535,10 +546,10 @@ class WorkingStore:
             self._publish(step, new_units, new_meta)
             for name, rec in records.items():
                 if old_units[name].file != rec.file:
-                    _unlink(self.dir / old_units[name].file)
+                    _unlink_unreferenced(self.dir / old_units[name].file)
                 for other in self._pending.pop(name, {}).values():
                     if other.file != rec.file:
-                        _unlink(self.dir / other.file)
+                        _unlink_unreferenced(self.dir / other.file)
 
     def _publish(self, step: int, units: Mapping[str, UnitRecord], meta: dict[str, Any]) -> None:
         """Write the manifest atomically (tmp, fsync, rename, fsync dir) and adopt it as committed."""
@@ -551,21 +562,43 @@ class WorkingStore:
         }
         text = json.dumps(data, indent=1).encode()
         tmp = self.dir / (MANIFEST + ".tmp")
+        target = self.dir / UNITS_DIR  # what the failing call was working on, for the message
+        renamed = False
         try:
             # The new unit files' directory entries must be durable before a manifest names them.
-            _fsync_dir(self.dir / UNITS_DIR)
+            _fsync_dir(target)
+            target = tmp
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
+                fault_point("write", tmp)
                 done = 0
                 while done < len(text):
                     done += os.write(fd, text[done:])
+                fault_point("fsync", tmp)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, self.dir / MANIFEST)
-            _fsync_dir(self.dir)
+            target = self.dir / MANIFEST
+            fault_point("rename", target)
+            os.replace(tmp, target)
+            renamed = True
+            target = self.dir
+            _fsync_dir(target)
         except OSError as e:
-            raise StoreError(f"commit of step {step} to {self.dir} failed: {e}") from e
+            # Before the rename the committed manifest is untouched. After it the new manifest
+            # is what the directory shows, only not surely durable: adopt it, so that no clean-up
+            # of "uncommitted" files deletes what it names. Either way this process must stop.
+            if renamed:
+                self._adopt(step, units, meta)
+            raise StoreError(f"commit of step {step} failed at {target}: {e.strerror or e}") from e
+        self._adopt(step, units, meta)
+
+    def _adopt(self, step: int, units: Mapping[str, UnitRecord], meta: dict[str, Any]) -> None:
+        """Take a published manifest as the committed state; its files are no longer pending."""
+        for rec in units.values():
+            gens = self._pending.get(rec.name)
+            if gens is not None and gens.get(rec.generation) == rec:
+                del gens[rec.generation]
         self._step = int(step)
         self._meta = meta
         self._units = dict(units)
@@ -576,7 +609,7 @@ class WorkingStore:
             dropped = [rec for gens in self._pending.values() for rec in gens.values()]
             self._pending.clear()
         for rec in dropped:
-            _unlink(self.dir / rec.file)
+            _unlink_unreferenced(self.dir / rec.file)
         return len(dropped)
 
     # -- housekeeping ----------------------------------------------------------
@@ -615,8 +648,8 @@ class WorkingStore:
         deleted = 0
         for match in self._generation_files():
             if match.string not in referenced:
-                deleted += _unlink(self.dir / UNITS_DIR / match.string)
-        _unlink(self.dir / (MANIFEST + ".tmp"))
+                deleted += _unlink_unreferenced(self.dir / UNITS_DIR / match.string)
+        _unlink_unreferenced(self.dir / (MANIFEST + ".tmp"))
         return deleted
 
     def close(self) -> None:
