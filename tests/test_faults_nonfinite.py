@@ -1,0 +1,147 @@
+"""Non-finite values through `lomo-run train`: a NaN loss or gradient drops the step whole.
+
+The runs go through the CLI entry point (`lomo_runtime.cli.main`) in this process, with
+NaN injected at chosen training steps by wrapping the runtime: a NaN loss (the loss
+times NaN), or a NaN gradient that reaches only the input embedding, the last unit
+backward visits, so the head and both blocks have already been updated and written
+back when the NaN shows up and must be rolled back.
+
+Every example of the data is the same 31 characters (32 tokens with </s> = --seq-len),
+so every batch is identical and a dropped step followed by the next batch is the same
+as the step without the NaN: the run with drops must end bit-identical to a clean one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fault_harness import assert_same_weights, store_report, train_argv, weights
+from helpers import make_tiny_model, save_char_tokenizer
+from lomo_runtime.cli import main
+from lomo_runtime.runtime import Runtime
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("nonfinite")
+    model = make_tiny_model(root, arch="llama", tied=True, sharded=True)
+    save_char_tokenizer(model)
+    data = root / "same.jsonl"
+    text = "the quick brown fox jumps over."  # 31 characters
+    assert len(text) == 31
+    data.write_text((json.dumps({"text": text}) + "\n") * 40)
+    return {"root": root, "model": model, "data": data}
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity forward; NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+def _inject(monkeypatch: pytest.MonkeyPatch, nan_loss: set[int] = frozenset(), nan_grad: set[int] = frozenset()) -> None:
+    """Make training forward/backward number n (1-based, per process) produce a NaN loss or an embedding NaN gradient."""
+    calls = {"forward": 0, "backward": 0}
+    original_init, original_backward = Runtime.__init__, Runtime.backward
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+
+        def poison(module, inputs, output):
+            if torch.is_grad_enabled():
+                calls["forward"] += 1
+                if calls["forward"] in nan_grad:
+                    return _NanGrad.apply(output)
+            return output
+
+        self.model.get_input_embeddings().register_forward_hook(poison)
+
+    def backward(self, loss, *args, **kwargs):
+        calls["backward"] += 1
+        if calls["backward"] in nan_loss:
+            loss = loss * float("nan")
+        return original_backward(self, loss, *args, **kwargs)
+
+    monkeypatch.setattr(Runtime, "__init__", init)
+    monkeypatch.setattr(Runtime, "backward", backward)
+
+
+def _train(job: dict[str, Path], out: Path, *extra: str) -> int:
+    try:
+        main(train_argv(job, out, *extra))
+    except SystemExit as exit:
+        return int(exit.code or 0)
+    raise AssertionError("main() returned without exiting")
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.fixture(scope="module")
+def clean(job: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("clean") / "out"
+    assert _train(job, out, "--steps", str(STEPS)) == 0
+    return weights(out / "model")
+
+
+def test_nan_loss_and_nan_gradient_drop_the_step_whole(job, clean, tmp_path: Path, monkeypatch, capsys) -> None:
+    _inject(monkeypatch, nan_grad={3}, nan_loss={5})
+    out = tmp_path / "out"
+    assert _train(job, out, "--steps", str(STEPS)) == 0, capsys.readouterr().err
+    records = _records(out)
+    assert [r["dropped"] for r in records] == [False, False, True, False, True, False, False, False]
+    assert [r["dropped_total"] for r in records] == [0, 0, 1, 1, 2, 2, 2, 2]
+    assert "non-finite gradient" in records[2]["dropped_reason"]
+    assert records[4]["dropped_reason"] == "non-finite loss"
+    assert [r["step"] for r in records] == [1, 2, 2, 3, 3, 4, 5, 6]  # a dropped step reports the committed one
+    # Dropped whole: with identical batches the run equals one that never saw a NaN.
+    assert_same_weights(weights(out / "model"), clean, "with dropped steps")
+    assert store_report(out / "store")["step"] == STEPS
+
+
+def test_k_consecutive_drops_stop_the_run_at_the_last_good_step(job, clean, tmp_path: Path, monkeypatch, capsys) -> None:
+    _inject(monkeypatch, nan_loss={3, 5, 7}, nan_grad={4, 6})  # five in a row from the third step on
+    out = tmp_path / "out"
+    code = _train(job, out, "--steps", str(STEPS), "--max-dropped-steps", "5")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" not in err
+    message = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(message) == 1
+    assert "5 consecutive steps were dropped" in message[0] and "last good step, 2" in message[0], message[0]
+    records = _records(out)
+    assert [r["dropped"] for r in records] == [False, False, True, True, True, True, True]
+    assert records[-1]["dropped_total"] == 5
+    report = store_report(out / "store")
+    assert report["step"] == 2 and not report["leftovers"]  # nothing of the dropped steps on disk
+    assert not (out / "model").exists()
+
+    monkeypatch.undo()
+    assert _train(job, out, "--steps", str(STEPS), "--resume") == 0
+    assert_same_weights(weights(out / "model"), clean, "resumed after the stop")
+    records = _records(out)
+    assert [r["step"] for r in records if not r["dropped"]] == list(range(1, STEPS + 1))
+    assert sum(r["dropped"] for r in records) == 5  # the stopped run's drops stay on record
+
+
+def test_a_diverging_run_stops_without_any_injection(job, tmp_path: Path, capsys) -> None:
+    """--lr 1e30: the first update is finite but overflows every later forward to inf/NaN."""
+    out = tmp_path / "out"
+    code = _train(job, out, "--steps", str(STEPS), "--lr", "1e30", "--max-dropped-steps", "3")
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "3 consecutive steps were dropped (non-finite" in err
+    assert store_report(out / "store")["step"] == 1
+    assert [r["dropped"] for r in _records(out)] == [False, True, True, True]
