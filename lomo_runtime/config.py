@@ -36,7 +36,12 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     clip_grad_value: float | None = None
-    rule: str = "sgd"                    # update rule (sgd; more as they land)
+    clip_grad_norm: float | None = None  # global gradient-norm clipping threshold
+    clip_mode: str = "exact"             # exact (two backward passes) | previous (last step's norm) | unit
+    rule: str = "sgd"                    # update rule: sgd | adamw | adalomo
+    grad_accum_steps: int = 1            # micro-batches of --batch-size per optimizer step
+    master_weights: bool = False         # keep fp32 master weights in the store (bf16/fp16 runs)
+    stochastic_rounding: bool | None = None  # round updates into bf16 stochastically (default: on for bf16)
     seq_len: int = 256                   # tokens per packed sequence
     batch_size: int = 1                  # sequences per step
     dtype: str = "fp32"                  # training dtype of the weights: fp32 | bf16 | fp16
@@ -82,8 +87,13 @@ class TrainConfig:
             raise UserError(f"--schedule must be constant, linear or cosine, got {self.schedule!r}")
         if self.dtype not in DTYPE_NAMES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
-        if self.rule != "sgd":
-            raise UserError(f"--rule {self.rule!r} is not available yet; use sgd")
+        if self.rule not in ("sgd", "adamw", "adalomo"):
+            raise UserError(f"--rule must be sgd, adamw or adalomo, got {self.rule!r}")
+        if self.clip_mode not in ("exact", "previous", "unit"):
+            raise UserError(f"--clip-mode must be exact, previous or unit, got {self.clip_mode!r}")
+        if self.clip_grad_norm is not None:
+            _finite("clip_grad_norm", self.clip_grad_norm, minimum=0.0, strict=True)
+        _positive_int("grad_accum_steps", self.grad_accum_steps)
         for name in ("memory_budget", "weights_budget"):
             if getattr(self, name) is not None:
                 parse_size(getattr(self, name), f"--{name.replace('_', '-')}")
@@ -145,7 +155,7 @@ def _coerce(key: str, value: Any, declared: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        if base == "bool":
+        if base.startswith("bool"):
             if not isinstance(value, bool):
                 raise ValueError
             return value

@@ -153,6 +153,7 @@ class Runtime(SegmentHooks):
         self.pool = StagingPool(self.weights_budget)
         self.scheduler = Scheduler(units, self.store, self.pool, self.weights_budget, prefetch_depth, io_threads)
         self.segments = self._build_segments()
+        self._check_minimum_budget()
         self._forward_sequence = [n for s in self.segments for n in s.needs]
         backward_sequence = [n for s in reversed(self.segments) for n in s.needs]
         passes = 2 if self.rule.clip_grad_norm and self.rule.clip_mode in ("exact", "previous") else 1
@@ -275,6 +276,32 @@ class Runtime(SegmentHooks):
             wrap_segment(segment, self)
             segments.append(segment)
         return segments
+
+    def minimum_weights_budget(self) -> int:
+        """The smallest weights budget that can run a step: the largest set of units one segment
+        needs at once, plus the tied embedding, which holds a pending gradient from the head's
+        backward until its own."""
+        sizes = {name: unit.nbytes for name, unit in self.scheduler.units.items()}
+        tied = any(segment.owner != "embed" and "embed" in segment.needs for segment in self.segments)
+        need = 0
+        for segment in self.segments:
+            units = set(segment.needs) | ({"embed"} if tied else set())
+            need = max(need, sum(sizes[u] for u in units))
+        return need
+
+    def _check_minimum_budget(self) -> None:
+        if self.weights_budget is None:
+            return
+        need = self.minimum_weights_budget()
+        if self.weights_budget < need:
+            from .errors import DoesNotFit
+            from .sizes import format_size
+
+            raise DoesNotFit(
+                f"weights budget {format_size(self.weights_budget)} is below the {format_size(need)} one step needs "
+                f"at once (the largest unit with its update-rule state, plus a tied embedding's pending gradient); "
+                f"raise it to at least {format_size(need)}"
+            )
 
     def _resolve_budget(self, memory_budget, weights_budget, seq_len, batch_size) -> int | None:
         if weights_budget is not None:

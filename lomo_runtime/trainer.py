@@ -23,7 +23,7 @@ from .data import Batches, load_examples, load_tokenizer, pack, pad_id_of, split
 from .errors import LomoError, UserError
 from .memory import peak_rss_bytes, reset_peak_rss
 from .progress import MetricsWriter, Progress
-from .rules import SGD
+from .rules import rule_by_name
 from .runtime import Runtime
 from .schedule import LRSchedule
 
@@ -97,12 +97,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_batches, eval_batches = build_data(cfg, checkpoint.arch.max_positions(checkpoint.config))
     (out / "config.yaml").write_text(cfg.to_yaml())
 
-    rule = SGD(lr=cfg.lr, weight_decay=cfg.weight_decay, clip_grad_value=cfg.clip_grad_value)
+    rule = rule_by_name(cfg.rule, lr=cfg.lr, weight_decay=cfg.weight_decay, clip_grad_value=cfg.clip_grad_value,
+                        clip_grad_norm=cfg.clip_grad_norm, clip_mode=cfg.clip_mode)
     schedule = LRSchedule(cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     rt = Runtime(
         cfg.model, rule, work_dir=work_dir, memory_budget=cfg.memory_budget, weights_budget=cfg.weights_budget,
         dtype=cfg.torch_dtype, prefetch_depth=cfg.prefetch_depth, io_threads=cfg.io_threads, resume=cfg.resume,
-        seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, master_weights=cfg.master_weights,
+        stochastic_rounding=cfg.stochastic_rounding, grad_accumulation=cfg.grad_accum_steps > 1,
     )
     with rt:
         _write_plan(rt, cfg, out)
@@ -118,19 +120,26 @@ def train(cfg: TrainConfig) -> TrainResult:
         try:
             while rt.step < cfg.steps:
                 step = rt.step  # 0-based index of the step being run
-                ids, labels = next(train_batches)
                 lr = schedule.lr_at(step)
                 torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on (seed, step) only
                 read0, write0, wait0 = rt.scheduler.stats.read_bytes, rt.scheduler.stats.write_bytes, rt.scheduler.stats.waits_s
                 reset_peak_rss()
                 started = time.perf_counter()
-                loss = rt.model(input_ids=ids, labels=labels).loss
-                last_loss = float(loss.item())
-                tokens = tokens_in((ids, labels))
-                # What a crash between commit and the metrics line must not lose travels with the commit.
-                summary = {"step": step + 1, "loss": last_loss, "tokens": tokens, "lr": lr}
-                result = rt.backward(loss, lr=lr, commit_meta={
-                    "trainer": {"batches": train_batches.state_dict(), "last_metrics": summary}})
+                k = cfg.grad_accum_steps
+                last_loss, tokens = 0.0, 0
+                for micro in range(k):
+                    ids, labels = next(train_batches)
+                    # Each micro-batch's mean loss is scaled by 1/k, so the applied gradient is the mean over all.
+                    loss = rt.model(input_ids=ids, labels=labels).loss / k
+                    last_loss += float(loss.item())
+                    tokens += tokens_in((ids, labels))
+                    final = micro == k - 1
+                    # What a crash between commit and the metrics line must not lose travels with the commit.
+                    summary = {"step": step + 1, "loss": last_loss, "tokens": tokens, "lr": lr}
+                    result = rt.backward(loss, lr=lr, accumulate=not final, commit_meta={
+                        "trainer": {"batches": train_batches.state_dict(), "last_metrics": summary}} if final else None)
+                    if result.dropped:
+                        break
                 elapsed = time.perf_counter() - started
                 record = {
                     **summary,
@@ -148,6 +157,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 dropped_in_a_row = dropped_in_a_row + 1 if result.dropped else 0
                 dropped_total += result.dropped
                 record["dropped_total"] = dropped_total
+                if result.loss_scale is not None:
+                    record["loss_scale"] = result.loss_scale
+                if result.grad_norm is not None:
+                    record["grad_norm"] = result.grad_norm
                 if result.dropped:
                     # The data position was not committed: a resumed run replays this batch and,
                     # being deterministic, drops it again, so both runs stay identical.
@@ -206,11 +219,19 @@ def _export(rt: Runtime, target: Path) -> Path:
 
 
 def _write_plan(rt: Runtime, cfg: TrainConfig, out: Path) -> None:
-    """Write OUT/plan.json when the planner is available (it sizes the run before it starts)."""
-    try:
-        from . import planner
-    except ImportError:
-        return
-    writer = getattr(planner, "write_plan_for_run", None)
-    if writer is not None:
-        writer(rt, cfg, out / "plan.json")
+    """Write OUT/plan.json: the planner's prediction for this run, to check against metrics.jsonl."""
+    import json
+
+    from .planner import RunConfig, plan
+    from .planner.spec import ModelSpec
+    from .probe import load_machine
+    from .sizes import parse_size
+
+    spec = ModelSpec.from_config(rt.checkpoint.config, cfg.dtype, cfg.rule)
+    run = RunConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size, dtype=cfg.dtype, rule=cfg.rule, device=rt.device,
+                    memory_budget=parse_size(cfg.memory_budget) if cfg.memory_budget else None,
+                    weights_budget=rt.weights_budget, prefetch_depth=cfg.prefetch_depth)
+    predicted = plan(spec, run, load_machine(rt.device, cfg.dtype))
+    tmp = out / "plan.json.tmp"
+    tmp.write_text(json.dumps(predicted.to_json(), indent=1))
+    os.replace(tmp, out / "plan.json")

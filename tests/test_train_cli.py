@@ -104,7 +104,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(job: dict[str, Path], tmp_
         (("--lr", "-1"), 2, "--lr"),
         (("--seq-len", "100000"), 2, "maximum positions"),
         (("--memory-budget", "lots"), 2, "memory-budget"),
-        (("--weights-budget", "4KB", "--steps", "1"), 3, "raise the budget"),
+        (("--weights-budget", "4KB", "--steps", "1"), 3, "raise it to at least"),
     ],
 )
 def test_bad_flags_exit_with_clear_message(job: dict[str, Path], tmp_path: Path, extra: tuple[str, ...], code: int, message: str) -> None:

@@ -18,6 +18,13 @@ from ..config import load_yaml, merge
 @click.option("--warmup-steps", type=int)
 @click.option("--weight-decay", type=float)
 @click.option("--clip-grad-value", type=float)
+@click.option("--clip-grad-norm", type=float, help="Clip the gradient's global norm to this value.")
+@click.option("--clip-mode", type=click.Choice(["exact", "previous", "unit"]),
+              help="exact: two backward passes; previous: last step's norm; unit: each unit's own norm.")
+@click.option("--rule", type=click.Choice(["sgd", "adamw", "adalomo"]), help="Update rule (default sgd).")
+@click.option("--grad-accum-steps", type=int, help="Micro-batches per optimizer step.")
+@click.option("--master-weights/--no-master-weights", default=None, help="Keep fp32 master weights (bf16/fp16).")
+@click.option("--stochastic-rounding/--no-stochastic-rounding", default=None, help="Round into bf16 stochastically.")
 @click.option("--seq-len", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]))
