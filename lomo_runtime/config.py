@@ -119,7 +119,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"config file {file} does not exist") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserError(f"config file {file} is not valid YAML: {err}") from None
+        # PyYAML's own message spans several lines with a caret drawing; keep one line.
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        detail = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"config file {file} is not valid YAML{where}: {detail}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
