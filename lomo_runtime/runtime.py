@@ -544,7 +544,14 @@ class Runtime(SegmentHooks):
         from .checkpoint.export import export_hf
 
         out = Path(out_dir)
-        export_hf(out, self.checkpoint.config, self.iter_weights(), self.model_dir)
+        # Export reads unit by unit and holds about one shard: free the resident units first and keep
+        # shards within half the weights budget (but never below the largest tensor), so exporting
+        # stays inside the memory the run was given.
+        self.scheduler.evict_all()
+        self.pool.trim()
+        largest = max(slot.nbytes for rec in self.store.units.values() for slot in rec.tensors)
+        shard = max(largest, (self.weights_budget or 2 * 2**30) // 2)
+        export_hf(out, self.checkpoint.config, self.iter_weights(), self.model_dir, max_shard_bytes=shard)
         return out
 
     def memory_report(self) -> dict[str, int]:

@@ -332,6 +332,13 @@ class Scheduler:
                 else:
                     self._finish_load(unit)
 
+    def evict_all(self) -> None:
+        """Write nothing, drop every clean, unpinned unit from memory (before export or at rest)."""
+        self.drain()
+        for unit in self.units.values():
+            if unit.state is UnitState.RESIDENT and self._evictable(unit):
+                self._evict(unit)
+
     def written_records(self) -> dict[str, object]:
         """Records of units written since the last commit (what the next commit must name)."""
         return {u.name: u.written for u in self.units.values() if u.written is not None}
