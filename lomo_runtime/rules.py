@@ -107,6 +107,7 @@ class AdamW:
     clip_grad_value: float | None = None
     clip_grad_norm: float | None = None
     clip_mode: str = "exact"
+    fused: bool = True  # use the native kernel (native/lomo_kernels.cpp) when it builds; same math in one pass
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -120,6 +121,11 @@ class AdamW:
     def apply(self, work: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], ctx: UpdateContext) -> None:
         beta1, beta2 = self.betas
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if self.fused:
+            from .native import adamw_native
+
+            if adamw_native(work, grad, exp_avg, exp_avg_sq, ctx.lr, self.betas, self.eps, self.weight_decay, ctx.step):
+                return
         work.mul_(1 - ctx.lr * self.weight_decay)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

@@ -37,6 +37,7 @@ from .checkpoint.safetensors_file import DTYPES
 from .errors import UserError
 from .io import aligned_empty
 from .memory import current_rss_bytes, peak_rss_bytes
+from .native import stochastic_round_bf16_native
 from .rules import SGD, UpdateContext, UpdateRule
 from .scheduler import Scheduler, Unit
 from .segments import Segment, SegmentHooks, wrap_segment
@@ -424,8 +425,12 @@ class Runtime(SegmentHooks):
                 work = info.state["master"] if self.master_weights else weight.to(torch.float32)
                 self.rule.apply(work, grad, info.state, ctx)
                 if self.stochastic_rounding and weight.dtype == torch.bfloat16:
-                    gen = torch.Generator().manual_seed(hash((self.seed, self.step, info.index)) & ((1 << 63) - 1))
-                    weight.copy_(stochastic_round_bf16(work, gen))
+                    # Seeded by (run seed, step, parameter): reproducible whatever the streaming order.
+                    seed = hash((self.seed, self.step, info.index)) & ((1 << 63) - 1)
+                    rounded = stochastic_round_bf16_native(work, seed)  # one pass in C++, ~3x faster
+                    if rounded is None:
+                        rounded = stochastic_round_bf16(work, torch.Generator().manual_seed(seed))
+                    weight.copy_(rounded)
                 else:
                     weight.copy_(work)
         info.unit.updated = info.unit.dirty = True

@@ -1,6 +1,7 @@
 """Shared fixtures. Tiny-model builders live in `helpers.py` so tests can import them directly."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,10 @@ import pytest
 
 # helpers.py sits beside this file; make it importable however pytest was started.
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The native kernels take about a minute to build; tests use the PyTorch reference math
+# (and its RNG) unless a test asks for the kernels (tests/test_native.py). Subprocesses inherit this.
+os.environ.setdefault("LOMO_RUN_NO_NATIVE", "1")
 
 from helpers import make_tiny_model  # noqa: E402
 
