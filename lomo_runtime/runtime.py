@@ -44,9 +44,8 @@ from .segments import Segment, SegmentHooks, wrap_segment
 from .sizes import parse_size
 from .skeleton import build_skeleton
 from .staging import StagingPool
-from .store import WorkingStore, layout, tensor_views
+from .store import WorkingStore, dtype_name, layout, tensor_views
 
-_TORCH_TO_ST = {v: k for k, v in DTYPES.items()}
 STATE_SEP = "::"  # "<param name>::<state key>" names a state tensor in a unit file
 
 
@@ -183,7 +182,7 @@ class Runtime(SegmentHooks):
         if resume and manifest.exists():
             store = WorkingStore.open(self.work_dir)
             stored = store.meta.get("dtype")
-            if stored != _TORCH_TO_ST[self.dtype]:
+            if stored != dtype_name(self.dtype):
                 store.close()
                 raise UserError(f"{self.work_dir}: the store holds {stored} weights; resume with the same --dtype")
             return store
@@ -199,7 +198,7 @@ class Runtime(SegmentHooks):
 
         units = [(u.name, [(t, loader(t)) for t in u.tensor_names]) for u in self.checkpoint.units]
         meta = {"source_dir": str(self.model_dir.resolve()), "config": self.checkpoint.config,
-                "dtype": _TORCH_TO_ST[dtype]}
+                "dtype": dtype_name(dtype)}
         return WorkingStore.create(self.work_dir, units, meta)
 
     def _state_entries(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -225,7 +224,7 @@ class Runtime(SegmentHooks):
                     continue
                 for key, dt, shape in self._state_entries(slot.name, tuple(slot.shape)):
                     if f"{slot.name}{STATE_SEP}{key}" not in have:
-                        missing.append((f"{slot.name}{STATE_SEP}{key}", _TORCH_TO_ST[dt], shape))
+                        missing.append((f"{slot.name}{STATE_SEP}{key}", dtype_name(dt), shape))
             if not missing:
                 continue
             old = aligned_empty(rec.nbytes)
