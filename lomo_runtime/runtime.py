@@ -304,15 +304,25 @@ class Runtime(SegmentHooks):
             )
 
     def _resolve_budget(self, memory_budget, weights_budget, seq_len, batch_size) -> int | None:
-        if weights_budget is not None:
-            return parse_size(weights_budget, "weights_budget")
+        """The weights budget: given directly, derived from the memory budget by the planner, or both
+        (then the direct one must fit inside what the memory budget allows)."""
+        explicit = None if weights_budget is None else parse_size(weights_budget, "weights_budget")
         if memory_budget is None:
-            return None
+            return explicit
+        from .errors import DoesNotFit
         from .planner import weights_budget_for_memory
+        from .sizes import format_size
 
-        return weights_budget_for_memory(
-            self, parse_size(memory_budget, "memory_budget"), seq_len=seq_len, batch_size=batch_size
-        )
+        memory = parse_size(memory_budget, "memory_budget")
+        allowed = weights_budget_for_memory(self, memory, seq_len=seq_len, batch_size=batch_size)
+        if explicit is None:
+            return allowed
+        if explicit > allowed:
+            raise DoesNotFit(
+                f"weights budget {format_size(explicit)} does not fit the memory budget {format_size(memory)}, "
+                f"which leaves {format_size(allowed)} for weights; lower --weights-budget or raise --memory-budget"
+            )
+        return explicit
 
     # ---- segment hooks -------------------------------------------------------------------------
     def segment_forward_begin(self, segment: Segment, grad: bool) -> None:

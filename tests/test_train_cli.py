@@ -105,6 +105,9 @@ def test_kill_9_then_resume_matches_uninterrupted_run(job: dict[str, Path], tmp_
         (("--seq-len", "100000"), 2, "maximum positions"),
         (("--memory-budget", "lots"), 2, "memory-budget"),
         (("--weights-budget", "4KB", "--steps", "1"), 3, "raise it to at least"),
+        (("--memory-budget", "100MiB", "--steps", "1"), 3, "smallest budget that runs this job"),
+        (("--rule", "adam"), 2, "--rule"),
+        (("--grad-accum-steps", "0"), 2, "--grad-accum-steps"),
     ],
 )
 def test_bad_flags_exit_with_clear_message(job: dict[str, Path], tmp_path: Path, extra: tuple[str, ...], code: int, message: str) -> None:
