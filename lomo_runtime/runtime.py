@@ -140,6 +140,8 @@ class Runtime(SegmentHooks):
         self.master_weights = master_weights and dtype != torch.float32
         self.grad_accumulation = grad_accumulation
         self.seed = seed
+        # What the process holds before any weight arrives: torch, transformers, the interpreter.
+        self.framework_bytes = current_rss_bytes()
         self.checkpoint = Checkpoint.open(self.model_dir)
         self.store = self._open_store(resume)
         self.step = self.store.step
@@ -568,13 +570,32 @@ class Runtime(SegmentHooks):
         export_hf(out, self.checkpoint.config, self.iter_weights(), self.model_dir, max_shard_bytes=shard)
         return out
 
+    def reset_peaks(self) -> None:
+        """Start a new measurement window for `memory_report` (the trainer calls it every step)."""
+        from .memory import reset_peak_rss
+
+        self.scheduler.stats.peak_resident_bytes = self.scheduler.resident_bytes()
+        self.pool.reset_peak()
+        reset_peak_rss()
+
     def memory_report(self) -> dict[str, int]:
-        """Measured figures, in the planner's categories where they can be measured."""
+        """Measured peaks since `reset_peaks`, in the planner's categories where they can be told apart.
+
+        On CPU the device is the host: `peak_host_bytes` is the process's peak RSS. Weights resident
+        and staging are exact (the scheduler's and the pool's own accounting); framework is the RSS
+        before the first weight arrived; the rest (activations, checkpoints, gradient transients,
+        allocator retention, and what the run allocated after start: the module tree, the tokenised
+        data) is `other_bytes`, the rest of the peak.
+        """
+        peak = peak_rss_bytes()
+        staging = self.pool.peak_bytes
         return {
-            "weights_resident_bytes": self.scheduler.stats.peak_resident_bytes,
-            "staging_bytes": self.pool.peak_bytes,
-            "peak_host_bytes": peak_rss_bytes(),
-            "rss_bytes": current_rss_bytes(),
+            "peak_host_bytes": peak,
+            "peak_device_bytes": peak,
+            "weights_resident_peak_bytes": self.scheduler.stats.peak_resident_bytes,
+            "staging_peak_bytes": staging,
+            "framework_bytes": self.framework_bytes,
+            "other_bytes": max(0, peak - staging - self.framework_bytes),
         }
 
     def close(self) -> None:

@@ -21,7 +21,6 @@ import torch
 from .config import TrainConfig
 from .data import Batches, load_examples, load_tokenizer, pack, pad_id_of, split_holdout, tokenize_examples, tokens_in
 from .errors import LomoError, UserError
-from .memory import peak_rss_bytes, reset_peak_rss
 from .progress import MetricsWriter, Progress
 from .rules import rule_by_name
 from .runtime import Runtime
@@ -123,7 +122,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 lr = schedule.lr_at(step)
                 torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on (seed, step) only
                 read0, write0, wait0 = rt.scheduler.stats.read_bytes, rt.scheduler.stats.write_bytes, rt.scheduler.stats.waits_s
-                reset_peak_rss()
+                rt.reset_peaks()
                 started = time.perf_counter()
                 k = cfg.grad_accum_steps
                 last_loss, tokens = 0.0, 0
@@ -146,9 +145,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     "step": rt.step if not result.dropped else step,
                     "step_time_s": elapsed,
                     "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
-                    "peak_host_bytes": peak_rss_bytes(),
-                    "peak_device_bytes": peak_rss_bytes(),  # CPU: the device is the host
-                    "weights_resident_bytes": rt.scheduler.resident_bytes(),
+                    **rt.memory_report(),  # measured peaks per category (plan.json predicts the same ones)
                     "io_read_bytes": rt.scheduler.stats.read_bytes - read0,
                     "io_write_bytes": rt.scheduler.stats.write_bytes - write0,
                     "io_wait_s": rt.scheduler.stats.waits_s - wait0,
