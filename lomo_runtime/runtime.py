@@ -34,14 +34,14 @@ from torch import nn
 
 from .checkpoint import Checkpoint
 from .checkpoint.safetensors_file import DTYPES
-from .errors import UserError
+from .errors import DoesNotFit, UserError
 from .io import aligned_empty
-from .memory import current_rss_bytes, peak_rss_bytes
+from .memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from .native import stochastic_round_bf16_native
 from .rules import SGD, UpdateContext, UpdateRule
-from .scheduler import Scheduler, Unit
+from .scheduler import Scheduler, Unit, UnitState
 from .segments import Segment, SegmentHooks, wrap_segment
-from .sizes import parse_size
+from .sizes import format_size, parse_size
 from .skeleton import build_skeleton
 from .staging import StagingPool
 from .store import WorkingStore, dtype_name, layout, tensor_views
@@ -296,9 +296,6 @@ class Runtime(SegmentHooks):
             return
         need = self.minimum_weights_budget()
         if self.weights_budget < need:
-            from .errors import DoesNotFit
-            from .sizes import format_size
-
             raise DoesNotFit(
                 f"weights budget {format_size(self.weights_budget)} is below the {format_size(need)} one step needs "
                 f"at once (the largest unit with its update-rule state, plus a tied embedding's pending gradient); "
@@ -311,9 +308,7 @@ class Runtime(SegmentHooks):
         explicit = None if weights_budget is None else parse_size(weights_budget, "weights_budget")
         if memory_budget is None:
             return explicit
-        from .errors import DoesNotFit
-        from .planner import weights_budget_for_memory
-        from .sizes import format_size
+        from .planner import weights_budget_for_memory  # imported late: it pulls in the tracer
 
         memory = parse_size(memory_budget, "memory_budget")
         allowed = weights_budget_for_memory(self, memory, seq_len=seq_len, batch_size=batch_size)
@@ -367,7 +362,7 @@ class Runtime(SegmentHooks):
                 if info.held is not None:
                     grad, info.held = info.held, None
                     self._apply(param, info, grad.mul_(coef))
-        if unit.dirty and unit.buffer is not None and unit.state.value == "resident":
+        if unit.dirty and unit.state is UnitState.RESIDENT:
             self.scheduler.write_back(unit.name, generation=self._generation)
 
     # ---- the fused update ----------------------------------------------------------------------
@@ -572,8 +567,6 @@ class Runtime(SegmentHooks):
 
     def reset_peaks(self) -> None:
         """Start a new measurement window for `memory_report` (the trainer calls it every step)."""
-        from .memory import reset_peak_rss
-
         self.scheduler.stats.peak_resident_bytes = self.scheduler.resident_bytes()
         self.pool.reset_peak()
         reset_peak_rss()
