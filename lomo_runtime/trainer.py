@@ -227,7 +227,8 @@ def _write_plan(rt: Runtime, cfg: TrainConfig, out: Path) -> None:
     spec = ModelSpec.from_config(rt.checkpoint.config, cfg.dtype, cfg.rule)
     run = RunConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size, dtype=cfg.dtype, rule=cfg.rule, device=rt.device,
                     memory_budget=parse_size(cfg.memory_budget) if cfg.memory_budget else None,
-                    weights_budget=rt.weights_budget, prefetch_depth=cfg.prefetch_depth)
+                    weights_budget=rt.weights_budget, prefetch_depth=cfg.prefetch_depth,
+                    master_weights=rt.master_weights, grad_accumulation=rt.grad_accumulation)
     predicted = plan(spec, run, load_machine(rt.device, cfg.dtype))
     tmp = out / "plan.json.tmp"
     tmp.write_text(json.dumps(predicted.to_json(), indent=1))

@@ -48,7 +48,8 @@ def weights_budget_for_memory(runtime: Any, memory_budget: int, seq_len: int | N
     machine.framework_bytes = current_rss_bytes()
     machine.source["framework_bytes"] = "measured"
     run = RunConfig(seq_len=seq_len, batch_size=batch_size or 1, dtype=dtype, rule=spec.rule,
-                    device=runtime.device, memory_budget=memory_budget)
+                    device=runtime.device, memory_budget=memory_budget,
+                    master_weights=runtime.master_weights, grad_accumulation=runtime.grad_accumulation)
     p = plan(spec, run, machine)
     if not p.fits:
         raise DoesNotFit(f"memory budget {format_size(memory_budget)}: {p.reason}; {p.suggestion}")

@@ -160,9 +160,10 @@ def _weights_budget_for(spec: ModelSpec, run: RunConfig, fixed: int, budget: int
 def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) -> Plan:
     """Plan one training job: placement, peaks, I/O, step time, fit. Pure: allocates no model memory."""
     run.check()
-    spec = model if isinstance(model, ModelSpec) else ModelSpec.from_config(model, run.dtype, run.rule)
-    if spec.dtype != run.dtype or spec.rule != run.rule:
-        spec = ModelSpec.from_config(spec.config, run.dtype, run.rule)
+    config = model.config if isinstance(model, ModelSpec) else model
+    # Always sized from the run: dtype, rule, master weights and accumulation buffers all change unit bytes.
+    spec = ModelSpec.from_config(config, run.dtype, run.rule, master_weights=run.master_weights,
+                                 grad_accumulation=run.grad_accumulation)
     max_pos = spec.dims.max_positions
     if run.seq_len > max_pos:
         raise UserError(f"seq_len {run.seq_len} exceeds the model's {max_pos} positions")

@@ -74,8 +74,11 @@ def simulate(spec: ModelSpec, budget: int | None, depth: int = 2, steps: int = 3
         positions.setdefault(name, []).append(pos)
     state = {name: _State() for name in sizes}
     cursor = -1
-    by_size: dict[int, int] = {}
-    pool: dict[int, int] = {}
+    # The staging pool, as StagingPool keeps it: buffers in use and cached (free list) per size,
+    # capped at the weights budget by dropping cached buffers, largest size first.
+    in_use: dict[int, int] = {}
+    cached: dict[int, int] = {}
+    pool_peak = 0
     peak = 0
     reads: list[int] = []
     read_bytes: list[int] = []
@@ -94,16 +97,28 @@ def simulate(spec: ModelSpec, budget: int | None, depth: int = 2, steps: int = 3
         nonlocal peak
         state[name].resident = True
         size = sizes[name]
-        by_size[size] = by_size.get(size, 0) + 1
-        pool[size] = max(pool.get(size, 0), by_size[size])
+        pool_acquire(size)
         peak = max(peak, resident_bytes())
         reads[-1] += 1
         read_bytes[-1] += size
         read_names.add(name)
 
+    def pool_acquire(size: int) -> None:
+        nonlocal pool_peak
+        if cached.get(size):
+            cached[size] -= 1
+        elif budget is not None:
+            for cached_size in sorted((k for k, v in cached.items() if v), reverse=True):
+                if _pool(in_use) + _pool(cached) + size <= budget:
+                    break
+                cached[cached_size] = 0
+        in_use[size] = in_use.get(size, 0) + 1
+        pool_peak = max(pool_peak, _pool(in_use) + _pool(cached))
+
     def evict(name: str) -> None:
         state[name].resident = False
-        by_size[sizes[name]] -= 1
+        in_use[sizes[name]] -= 1
+        cached[sizes[name]] = cached.get(sizes[name], 0) + 1
 
     def evictable(name: str) -> bool:
         s = state[name]
@@ -168,19 +183,19 @@ def simulate(spec: ModelSpec, budget: int | None, depth: int = 2, steps: int = 3
         for seg in segs:  # forward
             blocked = acquire(seg.needs)
             if blocked:
-                return Residency(False, reads, read_bytes, peak, _pool(pool), [], blocked)
+                return Residency(False, reads, read_bytes, peak, pool_peak, [], blocked)
             release(seg.needs)
         for seg in reversed(segs):  # backward: recompute, gradients, fused update
             blocked = acquire(seg.needs)
             if blocked:
-                return Residency(False, reads, read_bytes, peak, _pool(pool), [], blocked)
+                return Residency(False, reads, read_bytes, peak, pool_peak, [], blocked)
             if seg.owner != "embed" and "embed" in seg.needs:
                 state["embed"].pending = True  # the tied weight's gradient waits for the embedding's
             if seg.owner == "embed":
                 state["embed"].pending = False
             release(seg.needs)
     resident = [n for n in sizes if n not in read_names]
-    return Residency(True, reads, read_bytes, peak, _pool(pool), resident)
+    return Residency(True, reads, read_bytes, peak, pool_peak, resident)
 
 
 def _pool(pool: dict[int, int]) -> int:

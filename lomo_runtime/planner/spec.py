@@ -33,21 +33,34 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return name
 
 
-def state_bytes(rule: str, shape: tuple[int, ...]) -> int:
-    """Update-rule state kept beside one tensor, in bytes (fp32 state).
+def state_slot_bytes(rule: str, shape: tuple[int, ...], master_weights: bool = False,
+                     grad_accumulation: bool = False) -> list[int]:
+    """Bytes of each state tensor the runtime keeps beside one weight (each is its own 4 KiB-aligned slot).
 
-    sgd: none (LOMO's point). adamw: m and v, 8 B/element. adalomo: Adafactor's
-    factored second moment, a row and a column vector for a matrix (4 B each),
-    the full vector for a 1-D tensor.
+    sgd: none (LOMO's point). adamw: m and v, 4 B/element each. adalomo: Adafactor's
+    factored second moment, a row and a column vector for a matrix, the full vector
+    for a 1-D tensor. fp32 master weights (16-bit runs): 4 B/element. Gradient
+    accumulation: an fp32 buffer, 4 B/element.
     """
     numel = math.prod(shape)
     if rule == "sgd":
-        return 0
-    if rule == "adamw":
-        return 8 * numel
-    if rule == "adalomo":
-        return 4 * (shape[0] + shape[1]) if len(shape) == 2 else 4 * numel
-    raise UserError(f"update rule {rule!r}: one of {', '.join(RULES)}")
+        slots = []
+    elif rule == "adamw":
+        slots = [4 * numel, 4 * numel]
+    elif rule == "adalomo":
+        slots = [4 * math.prod(shape[:-1]), 4 * math.prod(shape[:-2] + shape[-1:])] if len(shape) >= 2 else [4 * numel]
+    else:
+        raise UserError(f"update rule {rule!r}: one of {', '.join(RULES)}")
+    if master_weights:
+        slots.append(4 * numel)
+    if grad_accumulation:
+        slots.append(4 * numel)
+    return slots
+
+
+def state_bytes(rule: str, shape: tuple[int, ...], master_weights: bool = False, grad_accumulation: bool = False) -> int:
+    """Update-rule state (plus master weights / accumulation buffers) beside one tensor, as laid out."""
+    return sum(align_up(b) for b in state_slot_bytes(rule, shape, master_weights, grad_accumulation))
 
 
 @dataclass(frozen=True)
@@ -95,7 +108,8 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], dtype: str = "fp32", rule: str = "sgd",
-                    path: str = "config.json") -> "ModelSpec":
+                    path: str = "config.json", master_weights: bool = False,
+                    grad_accumulation: bool = False) -> "ModelSpec":
         """Units and their exact byte sizes from a `config.json` dict (no weights needed)."""
         arch = architecture_for(config, path)
         dims = arch.dims(config, path)
@@ -108,7 +122,8 @@ class ModelSpec:
                 name=name,
                 tensors=tensors,
                 weight_bytes=sum(align_up(math.prod(s) * itemsize) for s in tensors.values()),
-                state_bytes=sum(align_up(state_bytes(rule, s)) for s in tensors.values()),
+                state_bytes=sum(state_bytes(rule, s, master_weights and dtype_name(dtype) != "fp32", grad_accumulation)
+                                for s in tensors.values()),
                 params=sum(math.prod(s) for s in tensors.values()),
             )
             for name, tensors in by_unit.items()
@@ -136,6 +151,10 @@ class RunConfig:
     """Cap on resident weight bytes, overriding what the memory budget would allow."""
     prefetch_depth: int = 2
     """Units the scheduler reads ahead (the runtime's default)."""
+    master_weights: bool = False
+    """fp32 master weights kept beside 16-bit weights in the store (+4 B/param of disk and I/O)."""
+    grad_accumulation: bool = False
+    """Micro-batch gradient accumulation: an fp32 buffer per weight streamed with its unit (+4 B/param)."""
     keep_logits: bool = True
     """The caller holds the output (and its logits) during backward, as `out = rt.model(...)` does."""
 
