@@ -1,0 +1,463 @@
+"""Side-by-side fine-tuning benchmark: five ways to train the same model on the same data.
+
+    python tools/bench_side_by_side.py [--steps 20] [--seq-len 128] [--batch-size 8] [--eval 200]
+                                       [--methods adamw,lomo,deepspeed,resident,streamed] [--write-md]
+
+Same model (SmolLM2-135M-Instruct, fp32, `tools/build_smollm2.py`), same data
+(the balanced tweet-sentiment task, `tools/build_demo_data.py`), same packed
+batches in the same order, same sequence length and number of steps, 2 torch
+threads, each method in its own subprocess so peak memory never mixes:
+
+    adamw      torch.optim.AdamW, model, gradients and both moments in memory
+    lomo       lomo-optim's Lomo (fused SGD in backward; the paper's reference code)
+    deepspeed  DeepSpeed ZeRO-3, parameters offloaded to NVMe, its own AdamW
+               (CPU accelerator, gloo, one process); lomo-optim + ZeRO-3 is broken
+               in DeepSpeed 0.19.8, so DeepSpeed runs with its own optimizer
+    resident   lomo-run, fused SGD, every unit resident
+    streamed   lomo-run, fused SGD, weights budget of a quarter of the weights
+
+Every method runs with activation checkpointing (HF `gradient_checkpointing_enable`
+for the first three; lomo-run checkpoints every unit by design), so the
+comparison is about where weights, gradients and optimizer state live, not
+about activations. SGD methods share one learning rate, the AdamW methods
+another (AdamW's normalised step needs a far smaller one).
+
+Per step each worker records the loss, the step time and the exact peak RSS
+of the step (VmHWM, reset at the step's start: `lomo_runtime.memory`). After
+training it scores held-out multiple-choice accuracy and loss with
+`lomo_runtime.evaluation` (the same code for all five). tokens/s counts every
+input token (batch x seq_len) over steps 2..N (step 1 warms allocators and
+caches). The parent prints a markdown table, writes JSON and a PNG (loss and
+memory over training time), and with `--write-md` rewrites BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("adamw", "lomo", "deepspeed", "resident", "streamed")
+LABELS = {
+    "adamw": "torch AdamW, in memory",
+    "lomo": "lomo-optim Lomo (fused SGD)",
+    "deepspeed": "DeepSpeed ZeRO-3, params on NVMe, AdamW",
+    "resident": "lomo-run, all units resident",
+    "streamed": "lomo-run, streamed, 1/4 of weights",
+}
+
+
+# =========================================================================== worker (one method)
+
+
+def _data(args):
+    from lomo_runtime.data import Batches, load_examples, load_tokenizer, pack, pad_id_of, tokenize_examples
+    from lomo_runtime.evaluation import load_choice_examples
+
+    tokenizer = load_tokenizer(args.model)
+    sequences = pack(tokenize_examples(load_examples(Path(args.data) / "sentiment-train.jsonl"), tokenizer),
+                     args.seq_len, pad_id=pad_id_of(tokenizer))
+    batches = Batches(sequences, args.batch_size, seed=0)
+    evaluation = load_choice_examples(Path(args.data) / "sentiment-eval.jsonl")[: args.eval]
+    return tokenizer, batches, evaluation
+
+
+def _hf_model(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+class _Method:
+    """What a worker needs from a method: a model to call, a training step, and a close."""
+
+    def __init__(self, model, step, close=lambda: None, info=None):
+        self.model, self.step, self.close, self.info = model, step, close, info or {}
+
+
+def _setup_adamw(args) -> _Method:
+    import torch
+
+    model = _hf_model(args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.adamw_lr, weight_decay=0.0)
+
+    def step(ids, labels):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return _Method(model, step)
+
+
+def _setup_lomo(args) -> _Method:
+    from lomo_optim import Lomo
+
+    model = _hf_model(args)
+    optimizer = Lomo(model, lr=args.lr)
+
+    def step(ids, labels):
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.fused_backward(loss, args.lr)
+        return float(loss)
+
+    return _Method(model, step)
+
+
+def _setup_deepspeed(args) -> _Method:
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # One process on the CPU accelerator; the shared-memory comm op would JIT-build
+    # for about 85 s and is useless with one rank, so plain gloo is used.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    nvme = Path(args.scratch) / "deepspeed-nvme"
+    nvme.mkdir(parents=True, exist_ok=True)
+    largest = _largest_tensor_numel(args.model)
+    config = {
+        "train_micro_batch_size_per_gpu": args.batch_size,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": args.adamw_lr, "weight_decay": 0.0, "torch_adam": True}},
+        "zero_optimization": {
+            "stage": 3,
+            "offload_param": {
+                "device": "nvme", "nvme_path": str(nvme), "pin_memory": False,
+                # Each swap buffer must hold the largest tensor (the tied embedding,
+                # 49152 x 576 = 28.3M elements); DeepSpeed's minimum is a few buffers.
+                "buffer_count": 5, "buffer_size": largest, "max_in_cpu": 0,
+            },
+            "stage3_param_persistence_threshold": 0,
+        },
+        "aio": {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True,
+                "intra_op_parallelism": 1},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    keep = HfDeepSpeedConfig(config)  # noqa: F841  (must stay alive: from_pretrained partitions under zero.Init)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=__import__("torch").float32)
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    engine.train()
+
+    def step(ids, labels):
+        loss = engine(input_ids=ids, labels=labels).loss
+        engine.backward(loss)
+        engine.step()
+        return float(loss)
+
+    def close():
+        engine.destroy() if hasattr(engine, "destroy") else None
+
+    return _Method(engine, step, close, {"deepspeed": deepspeed.__version__, "config": config})
+
+
+def _largest_tensor_numel(model_dir: str) -> int:
+    from lomo_runtime.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(model_dir)
+    return max(loc.entry.nbytes // 4 for loc in ckpt.tensors.values())
+
+
+def _setup_lomo_run(args, streamed: bool) -> _Method:
+    from lomo_runtime import SGD, Runtime
+    from lomo_runtime.checkpoint import Checkpoint
+    from lomo_runtime.io import align_up
+
+    work = Path(args.scratch) / ("store-streamed" if streamed else "store-resident")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    info: dict = {}
+    budget = None
+    if streamed:
+        # Unit bytes as the store lays them out (every tensor 4 KiB-aligned).
+        ckpt = Checkpoint.open(args.model)
+        units = {u.name: sum(align_up(ckpt.tensors[t].entry.nbytes) for t in u.tensor_names) for u in ckpt.units}
+        weights = sum(units.values())
+        quarter = weights // 4
+        # Tied embeddings: the embedding stays resident from the head's backward to its own,
+        # so a step needs at least the embedding plus the largest other unit at once.
+        minimum = units["embed"] + max(v for k, v in units.items() if k != "embed")
+        budget = max(quarter, minimum)
+        info = {"weights_bytes": weights, "quarter_bytes": quarter, "minimum_bytes": minimum, "budget_bytes": budget,
+                "budget_is_quarter": budget == quarter}
+    rt = Runtime(args.model, SGD(lr=args.lr), work_dir=work, weights_budget=budget)
+
+    def step(ids, labels):
+        loss = rt.model(input_ids=ids, labels=labels).loss
+        rt.backward(loss)
+        return float(loss)
+
+    def close():
+        info.update(io_read_bytes=rt.scheduler.stats.read_bytes, io_write_bytes=rt.scheduler.stats.write_bytes)
+        rt.close()
+
+    return _Method(rt.model, step, close, info)
+
+
+def run_worker(args) -> None:
+    """Train one method for `args.steps` steps, evaluate, write JSON to `args.result`."""
+    if args.worker == "deepspeed":
+        for key, value in {"DS_ACCELERATOR": "cpu", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(args.port)}.items():
+            os.environ.setdefault(key, value)
+    import torch
+
+    from lomo_runtime.evaluation import score_choices
+    from lomo_runtime.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tokenizer, batches, evaluation = _data(args)
+    started = time.perf_counter()
+    setup = {
+        "adamw": _setup_adamw, "lomo": _setup_lomo, "deepspeed": _setup_deepspeed,
+        "resident": lambda a: _setup_lomo_run(a, streamed=False), "streamed": lambda a: _setup_lomo_run(a, streamed=True),
+    }[args.worker]
+    method = setup(args)
+    setup_s = time.perf_counter() - started
+    setup_peak = peak_rss_bytes()
+    steps = []
+    train_started = time.perf_counter()
+    for index in range(args.steps):
+        ids, labels = next(batches)
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        loss = method.step(ids, labels)
+        elapsed = time.perf_counter() - t0
+        steps.append({"step": index + 1, "loss": loss, "step_s": elapsed, "t_s": time.perf_counter() - train_started,
+                      "peak_rss_bytes": peak_rss_bytes(), "rss_bytes": current_rss_bytes()})
+        print(f"[{args.worker}] step {index + 1}/{args.steps} loss {loss:.4f} {elapsed:.2f} s "
+              f"peak {steps[-1]['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    tokens = args.batch_size * args.seq_len
+    timed = [s["step_s"] for s in steps[1:]] or [steps[0]["step_s"]]
+    t0 = time.perf_counter()
+    model = method.model
+    if hasattr(model, "eval"):
+        model.eval()
+    scored = score_choices(model, tokenizer, evaluation, batch_size=16)
+    eval_s = time.perf_counter() - t0
+    method.close()
+    result = {
+        "method": args.worker, "label": LABELS[args.worker], "steps": steps, "setup_s": setup_s,
+        "setup_peak_rss_bytes": setup_peak,
+        "train_peak_rss_bytes": max(s["peak_rss_bytes"] for s in steps),
+        "tokens_per_step": tokens, "tokens_per_s": tokens * len(timed) / sum(timed),
+        "median_step_s": statistics.median(timed), "final_loss": steps[-1]["loss"],
+        "final_loss_mean_last5": statistics.mean(s["loss"] for s in steps[-5:]),
+        "accuracy": scored.accuracy, "eval_loss": scored.loss, "eval_examples": len(evaluation), "eval_s": eval_s,
+        "info": method.info,
+    }
+    Path(args.result).write_text(json.dumps(result, indent=1, default=str))
+
+
+# =========================================================================== parent (all methods)
+
+
+def _zero_shot(args) -> dict:
+    """Accuracy of the untrained model, through the same evaluation code (in a subprocess)."""
+    code = (
+        "import json,sys,torch;torch.set_num_threads(%d);"
+        "from transformers import AutoModelForCausalLM;"
+        "from lomo_runtime.data import load_tokenizer;"
+        "from lomo_runtime.evaluation import load_choice_examples,score_choices;"
+        "m=AutoModelForCausalLM.from_pretrained(%r).eval();"
+        "ex=load_choice_examples(%r)[:%d];r=score_choices(m,load_tokenizer(%r),ex,16);"
+        "print(json.dumps({'accuracy':r.accuracy,'eval_loss':r.loss}))"
+    ) % (args.threads, args.model, str(Path(args.data) / "sentiment-eval.jsonl"), args.eval, args.model)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_method(args, method: str, out: Path) -> dict:
+    result_file = out / f"{method}.json"
+    result_file.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--worker", method, "--result", str(result_file), "--scratch", str(out / "scratch"),
+           "--model", args.model, "--data", args.data, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
+           "--batch-size", str(args.batch_size), "--eval", str(args.eval), "--lr", str(args.lr),
+           "--adamw-lr", str(args.adamw_lr), "--threads", str(args.threads), "--port", str(args.port)]
+    log = out / f"{method}.log"
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
+                              timeout=args.timeout if args.timeout > 0 else None)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0 or not result_file.exists():
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        error = next((ln for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[-1] if lines else "")
+        return {"method": method, "label": LABELS[method], "error": error.strip()[:400], "returncode": proc.returncode,
+                "wall_s": wall, "log": str(log)}
+    result = json.loads(result_file.read_text())
+    result["wall_s"] = wall
+    return result
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def table(results: list[dict], zero_shot: dict) -> str:
+    rows = ["| method | peak RSS (training) | tokens/s | final loss (mean of last 5) | accuracy | held-out loss |",
+            "|---|---:|---:|---:|---:|---:|"]
+    if "accuracy" in zero_shot:
+        rows.append(f"| zero-shot (no training) | | | | {zero_shot['accuracy']:.3f} | {zero_shot['eval_loss']:.3f} |")
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['label']} | did not run: `{r['error']}` | | | | |")
+            continue
+        rows.append(f"| {r['label']} | {_gib(r['train_peak_rss_bytes'])} | {r['tokens_per_s']:.0f} | "
+                    f"{r['final_loss']:.3f} ({r['final_loss_mean_last5']:.3f}) | {r['accuracy']:.3f} | {r['eval_loss']:.3f} |")
+    return "\n".join(rows)
+
+
+def ratios(results: list[dict]) -> list[str]:
+    by = {r["method"]: r for r in results if "error" not in r}
+    if "streamed" not in by:
+        return []
+    s = by["streamed"]
+    lines = []
+    for name, r in by.items():
+        if name == "streamed":
+            continue
+        lines.append(f"- vs {r['label']}: peak memory x{s['train_peak_rss_bytes'] / r['train_peak_rss_bytes']:.2f}, "
+                     f"tokens/s x{s['tokens_per_s'] / r['tokens_per_s']:.2f}")
+    return lines
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        if "error" in r:
+            continue
+        t = [s["t_s"] for s in r["steps"]]
+        ax_loss.plot(t, [s["loss"] for s in r["steps"]], marker=".", label=r["label"])
+        ax_mem.plot(t, [s["peak_rss_bytes"] / 2**30 for s in r["steps"]], marker=".", label=r["label"])
+    ax_loss.set(xlabel="training time (s)", ylabel="training loss", title="Loss over time")
+    ax_mem.set(xlabel="training time (s)", ylabel="peak RSS per step (GiB)", title="Memory over time")
+    ax_mem.set_ylim(bottom=0)
+    ax_loss.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_markdown(path: Path, args, results: list[dict], zero_shot: dict, command: str, png: Path) -> None:
+    ok = [r for r in results if "error" not in r]
+    streamed = next((r for r in ok if r["method"] == "streamed"), None)
+    budget = ""
+    if streamed:
+        info = streamed["info"]
+        budget = (f"Streamed budget: {info['budget_bytes'] / 1e6:.1f} MB of {info['weights_bytes'] / 1e6:.1f} MB of weights "
+                  + ("(a quarter)." if info["budget_is_quarter"] else
+                     f"(a quarter, {info['quarter_bytes'] / 1e6:.1f} MB, is below the minimum a step needs, "
+                     "embedding + one block, so the minimum is used)."))
+    lines = [
+        "# Side-by-side benchmark",
+        "",
+        f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}, "
+        f"{os.cpu_count()} CPU cores, {args.threads} torch threads, Python {platform.python_version()}.",
+        "",
+        f"Model: SmolLM2-135M-Instruct (dequantised to fp32, 134.5M parameters, tied embeddings). Data: balanced "
+        f"tweet sentiment, {args.steps} steps of {args.batch_size} packed sequences x {args.seq_len} tokens; "
+        f"accuracy and held-out loss on {args.eval} balanced held-out examples (multiple choice between "
+        f"\" positive\" and \" negative\"). SGD learning rate {args.lr}, AdamW learning rate {args.adamw_lr}. "
+        "Every method uses activation checkpointing. Each method ran in its own process; peak RSS is the exact "
+        "high-water mark (VmHWM) over the training steps, excluding model loading. tokens/s counts all input "
+        "tokens over steps 2..N.",
+        "",
+        table(results, zero_shot),
+        "",
+        budget,
+        "",
+        "Headline ratios, lomo-run streamed against each alternative (below 1 = less memory / fewer tokens/s):",
+        "",
+        *ratios(results),
+        "",
+        f"![loss and memory over time]({png.as_posix()})",
+        "",
+        "Setup (model load, store creation, DeepSpeed initialisation) is not in the table:",
+        "",
+        *[f"- {r['label']}: setup {r['setup_s']:.0f} s, setup peak RSS {_gib(r['setup_peak_rss_bytes'])}, "
+          f"eval {r['eval_s']:.0f} s" for r in ok],
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=".cache/smollm2-135m")
+    parser.add_argument("--data", default=".cache/demo")
+    parser.add_argument("--out", default=".cache/bench-side-by-side")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval", type=int, default=200, help="held-out examples scored after training")
+    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (lomo, resident, streamed)")
+    parser.add_argument("--adamw-lr", type=float, default=2e-5, help="AdamW learning rate (adamw, deepspeed)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per method (0: none)")
+    parser.add_argument("--port", type=int, default=29533)
+    parser.add_argument("--write-md", action="store_true", help="rewrite BENCHMARKS.md and benchmarks/side_by_side.*")
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        run_worker(args)
+        return
+    for needed in (Path(args.model) / "config.json", Path(args.data) / "sentiment-train.jsonl"):
+        if not needed.exists():
+            sys.exit(f"{needed} is missing: run tools/build_smollm2.py and tools/build_demo_data.py first")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python tools/" + Path(__file__).name + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
+    zero_shot = _zero_shot(args)
+    print(f"zero-shot: {zero_shot}", flush=True)
+    results = []
+    for method in args.methods.split(","):
+        result = run_method(args, method, out)
+        results.append(result)
+        status = result.get("error") or f"acc {result['accuracy']:.3f}, {result['tokens_per_s']:.0f} tok/s, " \
+                                        f"peak {_gib(result['train_peak_rss_bytes'])}"
+        print(f"{method}: {status} ({result['wall_s']:.0f} s)", flush=True)
+    summary = {"command": command, "args": vars(args), "zero_shot": zero_shot, "results": results}
+    (out / "side_by_side.json").write_text(json.dumps(summary, indent=1, default=str))
+    png = out / "side_by_side.png"
+    plot(results, png)
+    print(table(results, zero_shot))
+    print("\n".join(ratios(results)))
+    if args.write_md:
+        target = REPO / "benchmarks"
+        target.mkdir(exist_ok=True)
+        (target / "side_by_side.json").write_text(json.dumps(summary, indent=1, default=str))
+        plot(results, target / "side_by_side.png")
+        write_markdown(REPO / "BENCHMARKS.md", args, results, zero_shot, command, Path("benchmarks/side_by_side.png"))
+        print(f"wrote {REPO / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
