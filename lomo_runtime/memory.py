@@ -55,3 +55,29 @@ def device_peak_bytes(device: str) -> int:
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated())
     return peak_rss_bytes()
+
+
+def _load_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_freed_heap() -> None:
+    """Give freed heap pages back to the OS (glibc `malloc_trim(0)`; a no-op elsewhere).
+
+    glibc keeps memory freed by one unit's temporaries mapped: its dynamic mmap
+    threshold grows to the largest freed block (up to 32 MiB) and it trims only
+    the top of the heap, so without this RSS creeps up by about one block's
+    activations per unit (measured: +800 MiB over one step of a 76-block model).
+    Since glibc 2.8 malloc_trim also releases whole free pages inside the heap.
+    The runtime calls it after each unit's forward and backward.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)

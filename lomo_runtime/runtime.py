@@ -36,7 +36,7 @@ from .checkpoint import Checkpoint
 from .checkpoint.safetensors_file import DTYPES
 from .errors import DoesNotFit, UserError
 from .io import aligned_empty
-from .memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from .memory import current_rss_bytes, peak_rss_bytes, release_freed_heap, reset_peak_rss
 from .native import stochastic_round_bf16_native
 from .rules import SGD, UpdateContext, UpdateRule
 from .scheduler import Scheduler, Unit, UnitState
@@ -339,6 +339,7 @@ class Runtime(SegmentHooks):
 
     def segment_forward_end(self, segment: Segment, grad: bool) -> None:
         self.scheduler.release(segment.needs)
+        release_freed_heap()  # the unit's temporaries are gone: keep RSS at what is really live
 
     def segment_backward_begin(self, segment: Segment) -> None:
         self.scheduler.acquire(segment.needs)
@@ -347,6 +348,7 @@ class Runtime(SegmentHooks):
 
     def segment_backward_end(self, segment: Segment) -> None:
         self.scheduler.release(segment.needs)
+        release_freed_heap()
         self._outstanding[segment.owner] -= 1
         for name in segment.needs:
             self._maybe_finish_unit(self.scheduler.units[name])
