@@ -90,7 +90,10 @@ class Scheduler:
         self.weights_budget = weights_budget
         self.prefetch_depth = prefetch_depth
         self.stats = SchedulerStats()
-        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="lomo-io")
+        # Reads and writes get their own threads: a write-back of the unit just updated must never
+        # queue in front of the read the next unit's compute is waiting for.
+        self._reads = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="lomo-read")
+        self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lomo-write")
         self._sequence: list[str] = []
         self._positions: dict[str, list[int]] = {}
         self._cursor = -1
@@ -159,7 +162,7 @@ class Scheduler:
         unit.buffer = self.pool.acquire(unit.nbytes)
         unit.state = UnitState.LOADING
         record = unit.written  # a newer uncommitted generation wins over the committed one
-        unit.future = self._io.submit(self._read, unit.name, unit.buffer, record)
+        unit.future = self._reads.submit(self._read, unit.name, unit.buffer, record)
         self._note_resident()
         return True
 
@@ -280,7 +283,7 @@ class Scheduler:
         assert unit.state is UnitState.RESIDENT and unit.buffer is not None
         unit.dirty = False
         unit.state = UnitState.WRITING
-        unit.future = self._io.submit(self._write, name, unit.buffer, generation)
+        unit.future = self._writes.submit(self._write, name, unit.buffer, generation)
 
     def _write(self, name: str, buffer: torch.Tensor, generation: int):
         record = self.store.write_unit(name, buffer, generation)
@@ -367,7 +370,8 @@ class Scheduler:
         try:
             self.drain()
         finally:
-            self._io.shutdown(wait=True)
+            self._reads.shutdown(wait=True)
+            self._writes.shutdown(wait=True)
             for unit in self.units.values():
                 if unit.state is not UnitState.ON_DISK:
                     unit.pins = 0
