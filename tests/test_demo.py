@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import time
@@ -54,6 +55,14 @@ def _accuracy(model_dir: Path) -> dict:
     out = _run(*LOMO_RUN, "eval", "--model", str(model_dir),
                "--data", str(DATA / "sentiment-eval.jsonl"), "--json", "--threads", "2")
     return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(autouse=True)
+def _only_when_asked(request: pytest.FixtureRequest) -> None:
+    # The plain `python -m pytest -q` of .ci/run must not spend 8 minutes here:
+    # run with `-m slow` (or LOMO_RUN_SLOW=1).
+    if "slow" not in (request.config.option.markexpr or "") and os.environ.get("LOMO_RUN_SLOW") != "1":
+        pytest.skip("slow: run with -m slow or LOMO_RUN_SLOW=1")
 
 
 def test_demo_reaches_target_accuracy(tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def _setup_adamw(args) -> _Method:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return _Method(model, step)
 
@@ -112,7 +112,7 @@ def _setup_lomo(args) -> _Method:
     def step(ids, labels):
         loss = model(input_ids=ids, labels=labels).loss
         optimizer.fused_backward(loss, args.lr)
-        return float(loss)
+        return float(loss.detach())
 
     return _Method(model, step)
 
@@ -159,12 +159,16 @@ def _setup_deepspeed(args) -> _Method:
         loss = engine(input_ids=ids, labels=labels).loss
         engine.backward(loss)
         engine.step()
-        return float(loss)
+        return float(loss.detach())
+
+    info = {"deepspeed": deepspeed.__version__, "config": config}
 
     def close():
+        # Proof that parameters really live on NVMe: the swap files DeepSpeed holds there.
+        info["nvme_bytes"] = sum(f.stat().st_size for f in nvme.rglob("*") if f.is_file())
         engine.destroy() if hasattr(engine, "destroy") else None
 
-    return _Method(engine, step, close, {"deepspeed": deepspeed.__version__, "config": config})
+    return _Method(engine, step, close, info)
 
 
 def _largest_tensor_numel(model_dir: str) -> int:
@@ -202,7 +206,7 @@ def _setup_lomo_run(args, streamed: bool) -> _Method:
     def step(ids, labels):
         loss = rt.model(input_ids=ids, labels=labels).loss
         rt.backward(loss)
-        return float(loss)
+        return float(loss.detach())
 
     def close():
         info.update(io_read_bytes=rt.scheduler.stats.read_bytes, io_write_bytes=rt.scheduler.stats.write_bytes)
