@@ -325,15 +325,32 @@ class Scheduler:
             pass  # raised again by _finish_load/_finish_write
         self.stats.waits_s += time.perf_counter() - start
 
-    def drain(self) -> None:
-        """Wait for every read and write in flight."""
+    def drain(self, raise_errors: bool = True) -> None:
+        """Wait for every read and write in flight.
+
+        With `raise_errors=False` (rollback, close) a failed read or write is
+        only forgotten: it has been reported already, or its step is being
+        dropped anyway, and the runtime must stay usable afterwards.
+        """
         for unit in self.units.values():
-            if unit.future is not None:
-                self._wait(unit)
+            if unit.future is None:
+                continue
+            self._wait(unit)
+            try:
                 if unit.state is UnitState.WRITING:
                     self._finish_write(unit)
                 else:
                     self._finish_load(unit)
+            except Exception:
+                if raise_errors:
+                    raise
+                unit.future = None
+                if unit.state is UnitState.LOADING:  # the buffer holds nothing usable
+                    self.pool.release(unit.buffer)
+                    unit.buffer = None
+                    unit.state = UnitState.ON_DISK
+                else:
+                    unit.state = UnitState.RESIDENT  # the write failed; the bytes in memory are intact
 
     def evict_all(self) -> None:
         """Write nothing, drop every clean, unpinned unit from memory (before export or at rest)."""
@@ -355,7 +372,7 @@ class Scheduler:
 
     def rollback(self) -> None:
         """Forget every update since the last commit: changed units are dropped and re-read."""
-        self.drain()
+        self.drain(raise_errors=False)
         for unit in self.units.values():
             if unit.updated or unit.written is not None:
                 if unit.state is not UnitState.ON_DISK:
@@ -368,7 +385,7 @@ class Scheduler:
 
     def close(self) -> None:
         try:
-            self.drain()
+            self.drain(raise_errors=False)
         finally:
             self._reads.shutdown(wait=True)
             self._writes.shutdown(wait=True)

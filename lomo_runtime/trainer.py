@@ -94,7 +94,6 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     checkpoint = Checkpoint.open(cfg.model)  # validate weights before any data work
     train_batches, eval_batches = build_data(cfg, checkpoint.arch.max_positions(checkpoint.config))
-    (out / "config.yaml").write_text(cfg.to_yaml())
 
     rule = rule_by_name(cfg.rule, lr=cfg.lr, weight_decay=cfg.weight_decay, clip_grad_value=cfg.clip_grad_value,
                         clip_grad_norm=cfg.clip_grad_norm, clip_mode=cfg.clip_mode)
@@ -106,6 +105,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         stochastic_rounding=cfg.stochastic_rounding, grad_accumulation=cfg.grad_accum_steps > 1,
     )
     with rt:
+        # Written only now, under the store's lock: a refused second run must not touch this run's files.
+        (out / "config.yaml").write_text(cfg.to_yaml())
         _write_plan(rt, cfg, out)
         state = rt.store.meta.get("trainer")
         if cfg.resume and state:
@@ -115,7 +116,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         progress = Progress(cfg.steps, start_step=rt.step)
         last_loss: float | None = None
         eval_loss: float | None = None
-        dropped_in_a_row = dropped_total = 0
+        dropped_in_a_row = 0
+        dropped_total = int((state or {}).get("dropped_total", 0))  # survives --resume
         try:
             while rt.step < cfg.steps:
                 step = rt.step  # 0-based index of the step being run
@@ -136,7 +138,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                     # What a crash between commit and the metrics line must not lose travels with the commit.
                     summary = {"step": step + 1, "loss": last_loss, "tokens": tokens, "lr": lr}
                     result = rt.backward(loss, lr=lr, accumulate=not final, commit_meta={
-                        "trainer": {"batches": train_batches.state_dict(), "last_metrics": summary}} if final else None)
+                        "trainer": {"batches": train_batches.state_dict(), "last_metrics": summary,
+                                    "dropped_total": dropped_total}} if final else None)
                     if result.dropped:
                         break
                 elapsed = time.perf_counter() - started
