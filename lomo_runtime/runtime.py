@@ -371,6 +371,7 @@ class Runtime(SegmentHooks):
     def _on_grad(self, param: torch.Tensor) -> None:
         info = self._params[param]
         unit = info.unit
+        self.scheduler.poll()  # mid-backward: start reads that a finished write-back unblocked
         if self.track_gradients:  # O(parameters) per hook: for tests only
             alive = sum(1 for p in self._params if p.grad is not None)
             self.max_grads_alive = max(self.max_grads_alive, alive)

@@ -298,6 +298,13 @@ class Scheduler:
         unit.future = None
         unit.state = UnitState.RESIDENT
 
+    def poll(self) -> None:
+        """Called often during compute (the runtime calls it from every gradient hook): when a read or
+        write has finished, prefetch again. A unit still being written cannot be evicted, so a
+        prefetch that was blocked by one can start as soon as its write lands, not at the next acquire."""
+        if any(u.future is not None and u.future.done() for u in self.units.values()):
+            self.prefetch()
+
     def ensure_writable(self, names: Sequence[str]) -> None:
         """Wait for in-flight writes of `names`: their buffers are about to change."""
         for name in names:
