@@ -55,6 +55,17 @@ def train_argv(job: dict[str, Path], out: Path, *extra: str) -> list[str]:
     ]
 
 
+def train_in_process(job: dict[str, Path], out: Path, *extra: str) -> int:
+    """`lomo-run train` through `cli.main` in this process (so tests can patch it); its exit code."""
+    from lomo_runtime.cli import main
+
+    try:
+        main(train_argv(job, out, *extra))
+    except SystemExit as exit:
+        return int(exit.code or 0)
+    raise AssertionError("main() returned without exiting")
+
+
 def run_cli(argv: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`lomo-run ARGV` in a fresh interpreter (extra environment variables in ``env``)."""
     full_env = {**os.environ, **(env or {})}

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fault_harness import Zygote, assert_same_weights, make_job, store_report, train_argv, weights
-from lomo_runtime.cli import main
+from fault_harness import Zygote, assert_same_weights, make_job, store_report, train_argv, train_in_process, weights
 from lomo_runtime.errors import StoreError
 from lomo_runtime.rules import SGD
 from lomo_runtime.runtime import Runtime
@@ -26,14 +25,6 @@ from lomo_runtime.scheduler import UnitState
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_job(tmp_path_factory.mktemp("corruption"))
-
-
-def _train(job: dict[str, Path], out: Path, *extra: str) -> int:
-    try:
-        main(train_argv(job, out, *extra))
-    except SystemExit as exit:
-        return int(exit.code or 0)
-    raise AssertionError("main() returned without exiting")
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -59,7 +50,7 @@ DAMAGE = {
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_unit_file_is_named_and_nothing_trains(job, tmp_path: Path, capsys, damage: str) -> None:
     out = tmp_path / "out"
-    assert _train(job, out, "--steps", "3") == 0
+    assert train_in_process(job, out, "--steps", "3") == 0
     capsys.readouterr()
     path = _unit_file(out, "block.1")
     DAMAGE[damage][0](path)
@@ -67,7 +58,7 @@ def test_damaged_unit_file_is_named_and_nothing_trains(job, tmp_path: Path, caps
     damaged = path.read_bytes() if path.exists() else None
     metrics = (out / "metrics.jsonl").read_bytes()
 
-    assert _train(job, out, "--steps", "6", "--resume") == 2
+    assert train_in_process(job, out, "--steps", "6", "--resume") == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     errors = [l for l in err.splitlines() if l.startswith("error:")]
@@ -81,11 +72,11 @@ def test_damaged_unit_file_is_named_and_nothing_trains(job, tmp_path: Path, caps
 
 def test_damaged_manifest_is_refused(job, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    assert _train(job, out, "--steps", "2") == 0
+    assert train_in_process(job, out, "--steps", "2") == 0
     capsys.readouterr()
     manifest = out / "store" / "manifest.json"
     manifest.write_bytes(manifest.read_bytes()[:200])
-    assert _train(job, out, "--steps", "4", "--resume") == 2
+    assert train_in_process(job, out, "--steps", "4", "--resume") == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"{manifest} is damaged" in err
 

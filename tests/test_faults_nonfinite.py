@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fault_harness import assert_same_weights, store_report, train_argv, weights
+from fault_harness import assert_same_weights, store_report, train_in_process, weights
 from helpers import make_tiny_model, save_char_tokenizer
-from lomo_runtime.cli import main
 from lomo_runtime.runtime import Runtime
 
 STEPS = 6
@@ -77,14 +76,6 @@ def _inject(monkeypatch: pytest.MonkeyPatch, nan_loss: set[int] = frozenset(), n
     monkeypatch.setattr(Runtime, "backward", backward)
 
 
-def _train(job: dict[str, Path], out: Path, *extra: str) -> int:
-    try:
-        main(train_argv(job, out, *extra))
-    except SystemExit as exit:
-        return int(exit.code or 0)
-    raise AssertionError("main() returned without exiting")
-
-
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
@@ -92,14 +83,14 @@ def _records(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def clean(job: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     out = tmp_path_factory.mktemp("clean") / "out"
-    assert _train(job, out, "--steps", str(STEPS)) == 0
+    assert train_in_process(job, out, "--steps", str(STEPS)) == 0
     return weights(out / "model")
 
 
 def test_nan_loss_and_nan_gradient_drop_the_step_whole(job, clean, tmp_path: Path, monkeypatch, capsys) -> None:
     _inject(monkeypatch, nan_grad={3}, nan_loss={5})
     out = tmp_path / "out"
-    assert _train(job, out, "--steps", str(STEPS)) == 0, capsys.readouterr().err
+    assert train_in_process(job, out, "--steps", str(STEPS)) == 0, capsys.readouterr().err
     records = _records(out)
     assert [r["dropped"] for r in records] == [False, False, True, False, True, False, False, False]
     assert [r["dropped_total"] for r in records] == [0, 0, 1, 1, 2, 2, 2, 2]
@@ -114,7 +105,7 @@ def test_nan_loss_and_nan_gradient_drop_the_step_whole(job, clean, tmp_path: Pat
 def test_k_consecutive_drops_stop_the_run_at_the_last_good_step(job, clean, tmp_path: Path, monkeypatch, capsys) -> None:
     _inject(monkeypatch, nan_loss={3, 5, 7}, nan_grad={4, 6})  # five in a row from the third step on
     out = tmp_path / "out"
-    code = _train(job, out, "--steps", str(STEPS), "--max-dropped-steps", "5")
+    code = train_in_process(job, out, "--steps", str(STEPS), "--max-dropped-steps", "5")
     err = capsys.readouterr().err
     assert code == 1
     assert "Traceback" not in err
@@ -129,7 +120,7 @@ def test_k_consecutive_drops_stop_the_run_at_the_last_good_step(job, clean, tmp_
     assert not (out / "model").exists()
 
     monkeypatch.undo()
-    assert _train(job, out, "--steps", str(STEPS), "--resume") == 0
+    assert train_in_process(job, out, "--steps", str(STEPS), "--resume") == 0
     assert_same_weights(weights(out / "model"), clean, "resumed after the stop")
     records = _records(out)
     assert [r["step"] for r in records if not r["dropped"]] == list(range(1, STEPS + 1))
@@ -139,7 +130,7 @@ def test_k_consecutive_drops_stop_the_run_at_the_last_good_step(job, clean, tmp_
 def test_a_diverging_run_stops_without_any_injection(job, tmp_path: Path, capsys) -> None:
     """--lr 1e30: the first update is finite but overflows every later forward to inf/NaN."""
     out = tmp_path / "out"
-    code = _train(job, out, "--steps", str(STEPS), "--lr", "1e30", "--max-dropped-steps", "3")
+    code = train_in_process(job, out, "--steps", str(STEPS), "--lr", "1e30", "--max-dropped-steps", "3")
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert "3 consecutive steps were dropped (non-finite" in err
