@@ -50,6 +50,7 @@ class TrainConfig:
     offload_dir: str | None = None       # working store location (default OUT/store)
     seed: int = 0
     eval_fraction: float = 0.05          # share of examples held out for eval loss
+    eval_data: str | None = None         # multiple-choice JSONL ({"prompt","completion","choices"}) for accuracy
     eval_every: int = 0                  # steps between eval passes (0: only at the end)
     eval_batches: int = 8                # batches per eval pass
     export_every: int = 0                # also export OUT/checkpoint-<step>/ every N steps (0: never)

@@ -9,18 +9,21 @@ resume: they describe work that did not survive.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from .config import TrainConfig
 from .data import Batches, load_examples, load_tokenizer, pack, pad_id_of, split_holdout, tokenize_examples, tokens_in
 from .errors import LomoError, UserError
+from .evaluation import load_choice_examples, score_choices
 from .progress import MetricsWriter, Progress
 from .rules import rule_by_name
 from .runtime import Runtime
@@ -61,13 +64,23 @@ def build_data(cfg: TrainConfig, max_positions: int) -> tuple[Batches, Batches |
     return train, evaluation
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off while evaluating, back on for training."""
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
+
+
 def evaluate(rt: Runtime, batches: Batches | None, max_batches: int) -> float | None:
     """Mean loss per label token over up to `max_batches` held-out batches (weights streamed, no grad)."""
     if batches is None:
         return None
     total, count = 0.0, 0
     batches.load_state_dict({**batches.state_dict(), "epoch": 0, "index": 0})
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(rt.model):
         for i, (ids, labels) in enumerate(batches):
             if i >= max_batches:
                 break
@@ -94,6 +107,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     checkpoint = Checkpoint.open(cfg.model)  # validate weights before any data work
     train_batches, eval_batches = build_data(cfg, checkpoint.arch.max_positions(checkpoint.config))
+    choices = load_choice_examples(cfg.eval_data) if cfg.eval_data else None
+    tokenizer = load_tokenizer(cfg.model) if choices else None
 
     rule = rule_by_name(cfg.rule, lr=cfg.lr, weight_decay=cfg.weight_decay, clip_grad_value=cfg.clip_grad_value,
                         clip_grad_norm=cfg.clip_grad_norm, clip_mode=cfg.clip_mode)
@@ -168,6 +183,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if cfg.eval_every and rt.step % cfg.eval_every == 0 and not result.dropped:
                     eval_loss = evaluate(rt, eval_batches, cfg.eval_batches)
                     record["eval_loss"] = eval_loss
+                    if choices:
+                        with eval_mode(rt.model):
+                            scored = score_choices(rt.model, tokenizer, choices, batch_size=2 * cfg.batch_size)
+                        record["eval_accuracy"], record["eval_choice_loss"] = scored.accuracy, scored.loss
                 metrics.write(record)
                 progress.update(rt.step, last_loss, tokens, record["peak_host_bytes"])
                 if dropped_in_a_row >= cfg.max_dropped_steps:
@@ -182,6 +201,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             if eval_loss is not None:
                 metrics.write({"step": rt.step, "final_eval_loss": eval_loss})
                 progress.write(f"eval loss {eval_loss:.4f}")
+            if choices:
+                with eval_mode(rt.model):
+                    scored = score_choices(rt.model, tokenizer, choices, batch_size=2 * cfg.batch_size)
+                metrics.write({"step": rt.step, "final_eval_accuracy": scored.accuracy, "final_eval_choice_loss": scored.loss})
+                progress.write(f"eval accuracy {scored.accuracy:.3f} ({len(choices)} examples)")
         finally:
             progress.close()
             metrics.close()

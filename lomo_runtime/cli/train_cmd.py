@@ -33,6 +33,7 @@ from ..config import load_yaml, merge
 @click.option("--offload-dir", help="Where the working store lives (default OUT/store).")
 @click.option("--seed", type=int)
 @click.option("--eval-fraction", type=float)
+@click.option("--eval-data", help="Multiple-choice JSONL (prompt, completion, choices) scored for accuracy at each eval.")
 @click.option("--eval-every", type=int)
 @click.option("--eval-batches", type=int)
 @click.option("--export-every", type=int)
