@@ -142,3 +142,18 @@ def test_second_run_on_same_output_is_refused_while_first_holds_it(job: dict[str
     finally:
         first.kill()
         first.wait()
+
+
+def test_eval_data_scores_multiple_choice_during_training(job: dict[str, Path], tmp_path: Path) -> None:
+    choices = tmp_path / "choices.jsonl"
+    choices.write_text("".join(
+        json.dumps({"prompt": "the quick brown", "completion": f" {w}", "choices": [" fox", " dog", " hex"]}) + "\n"
+        for w in ("fox", "dog", "hex")))
+    out = tmp_path / "out"
+    proc = _run(_train_cmd(job, out, "--steps", "4", "--eval-every", "2", "--eval-data", str(choices)))
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "eval_accuracy" in r]
+    assert [r["step"] for r in scored] == [2, 4]
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 and r["eval_choice_loss"] > 0 for r in scored)
+    assert "final_eval_accuracy" in records[-1]
