@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import enum
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -322,8 +323,6 @@ class Scheduler:
                     self._finish_load(unit)
 
     def _wait(self, unit: Unit) -> None:
-        import time
-
         assert unit.future is not None
         start = time.perf_counter()
         try:

@@ -10,7 +10,6 @@ resume: they describe work that did not survive.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 import time

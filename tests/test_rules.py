@@ -1,8 +1,6 @@
 """Update rules against references (tolerance: fp32, max abs difference <= 1e-6 unless stated)."""
 from __future__ import annotations
 
-import copy
-import math
 from pathlib import Path
 
 import pytest

@@ -17,7 +17,7 @@ for each unit size, the most units of that size ever resident at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .spec import ModelSpec
 
