@@ -156,3 +156,16 @@ def test_eval_data_scores_multiple_choice_during_training(job: dict[str, Path], 
     assert [r["step"] for r in scored] == [2, 4]
     assert all(0.0 <= r["eval_accuracy"] <= 1.0 and r["eval_choice_loss"] > 0 for r in scored)
     assert "final_eval_accuracy" in records[-1]
+
+
+def test_export_command_writes_the_committed_step(job: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _run(_train_cmd(job, out, "--steps", "3")).returncode == 0
+    cmd = [sys.executable, "-c", "from lomo_runtime.cli import main; main()", "export",
+           "--store", str(out / "store"), "--out", str(tmp_path / "exported")]
+    proc = _run(cmd)
+    assert proc.returncode == 0, proc.stderr
+    got, expected = _weights(tmp_path / "exported"), _weights(out / "model")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    missing = _run(cmd[:4] + ["--store", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+    assert missing.returncode == 2 and "not a lomo-run store" in missing.stderr and "Traceback" not in missing.stderr
