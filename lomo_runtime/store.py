@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from .checkpoint.safetensors_file import DTYPES
 from .errors import StoreError
 from .io import ALIGN, align_up, aligned_empty, fault_point, read_into, write_file
 
@@ -59,22 +60,9 @@ MANIFEST = "manifest.json"
 LOCK = "lock"
 UNITS_DIR = "units"
 
-DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
+# The manifest spells dtypes as safetensors does; one table, owned by the checkpoint format.
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 """torch dtype -> safetensors dtype string, the spelling the manifest uses."""
-DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 _UNIT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _GENERATION_FILE = re.compile(r"^(?P<unit>[A-Za-z0-9_][A-Za-z0-9_.\-]*)\.g(?P<gen>[0-9]+)\.bin$")

@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -43,14 +43,13 @@ class TrainResult:
     model_dir: Path
 
 
-def build_data(cfg: TrainConfig, max_positions: int) -> tuple[Batches, Batches | None]:
+def build_data(cfg: TrainConfig, max_positions: int, tokenizer: Any) -> tuple[Batches, Batches | None]:
     """Tokenise the data file with the model's tokenizer, pack it, split off the eval share."""
     if cfg.seq_len > max_positions:
         raise UserError(
             f"--seq-len {cfg.seq_len} exceeds the model's maximum positions ({max_positions}); "
             f"use --seq-len {max_positions} or less"
         )
-    tokenizer = load_tokenizer(cfg.model)
     examples = load_examples(cfg.data)
     train_ex, eval_ex = split_holdout(examples, cfg.eval_fraction, cfg.seed) if cfg.eval_fraction > 0 else (examples, [])
     pad = pad_id_of(tokenizer)
@@ -105,9 +104,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     from .checkpoint import Checkpoint
 
     checkpoint = Checkpoint.open(cfg.model)  # validate weights before any data work
-    train_batches, eval_batches = build_data(cfg, checkpoint.arch.max_positions(checkpoint.config))
+    tokenizer = load_tokenizer(cfg.model)  # one tokenizer for training data and multiple-choice eval
+    train_batches, eval_batches = build_data(cfg, checkpoint.arch.max_positions(checkpoint.config), tokenizer)
     choices = load_choice_examples(cfg.eval_data) if cfg.eval_data else None
-    tokenizer = load_tokenizer(cfg.model) if choices else None
 
     rule = rule_by_name(cfg.rule, lr=cfg.lr, weight_decay=cfg.weight_decay, clip_grad_value=cfg.clip_grad_value,
                         clip_grad_norm=cfg.clip_grad_norm, clip_mode=cfg.clip_mode)
