@@ -127,6 +127,7 @@ class Runtime(SegmentHooks):
         grad_accumulation: bool = False,
         loss_scaler: LossScaler | None = None,
         seed: int = 0,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
         if device != "cpu":
             raise UserError(f"device {device!r}: only 'cpu' is implemented so far")
@@ -142,7 +143,8 @@ class Runtime(SegmentHooks):
         self.seed = seed
         # What the process holds before any weight arrives: torch, transformers, the interpreter.
         self.framework_bytes = current_rss_bytes()
-        self.checkpoint = Checkpoint.open(self.model_dir)
+        # A caller that already validated the checkpoint (the trainer) passes it, so headers are read once.
+        self.checkpoint = checkpoint if checkpoint is not None else Checkpoint.open(self.model_dir)
         self.store = self._open_store(resume)
         self.step = self.store.step
         self.model = build_skeleton(str(self.model_dir), dtype)

@@ -116,6 +116,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         dtype=cfg.torch_dtype, prefetch_depth=cfg.prefetch_depth, io_threads=cfg.io_threads, resume=cfg.resume,
         seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, master_weights=cfg.master_weights,
         stochastic_rounding=cfg.stochastic_rounding, grad_accumulation=cfg.grad_accum_steps > 1,
+        checkpoint=checkpoint,
     )
     with rt:
         # Written only now, under the store's lock: a refused second run must not touch this run's files.
