@@ -47,6 +47,7 @@ class TrainConfig:
     dtype: str = "fp32"                  # training dtype of the weights: fp32 | bf16 | fp16
     memory_budget: str | None = None     # process RSS (CPU) the run must stay within, e.g. "2GiB"
     weights_budget: str | None = None    # cap on resident weight bytes (experts, tests)
+    heap_keep: str | None = None         # freed heap kept mapped between units: fewer page faults, more RSS
     offload_dir: str | None = None       # working store location (default OUT/store)
     seed: int = 0
     eval_fraction: float = 0.05          # share of examples held out for eval loss
@@ -95,7 +96,7 @@ class TrainConfig:
         if self.clip_grad_norm is not None:
             _finite("clip_grad_norm", self.clip_grad_norm, minimum=0.0, strict=True)
         _positive_int("grad_accum_steps", self.grad_accum_steps)
-        for name in ("memory_budget", "weights_budget"):
+        for name in ("memory_budget", "weights_budget", "heap_keep"):
             if getattr(self, name) is not None:
                 parse_size(getattr(self, name), f"--{name.replace('_', '-')}")
         if self.warmup_steps > self.steps:

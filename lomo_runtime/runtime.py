@@ -128,6 +128,7 @@ class Runtime(SegmentHooks):
         loss_scaler: LossScaler | None = None,
         seed: int = 0,
         checkpoint: Checkpoint | None = None,
+        heap_keep: str | int = 0,
     ) -> None:
         if device != "cpu":
             raise UserError(f"device {device!r}: only 'cpu' is implemented so far")
@@ -136,6 +137,8 @@ class Runtime(SegmentHooks):
         self.device = device
         self.dtype = dtype
         self.work_dir = Path(work_dir)
+        # Freed heap kept mapped for reuse between units (memory.release_freed_heap); the planner adds it.
+        self.heap_keep = parse_size(heap_keep, "heap_keep") if heap_keep else 0
         # bf16 loses small updates to round-to-nearest; stochastic rounding keeps them on average.
         self.stochastic_rounding = (dtype == torch.bfloat16) if stochastic_rounding is None else stochastic_rounding
         self.master_weights = master_weights and dtype != torch.float32
@@ -341,7 +344,7 @@ class Runtime(SegmentHooks):
 
     def segment_forward_end(self, segment: Segment, grad: bool) -> None:
         self.scheduler.release(segment.needs)
-        release_freed_heap()  # the unit's temporaries are gone: keep RSS at what is really live
+        release_freed_heap(self.heap_keep)  # the unit's temporaries are gone: keep RSS at what is really live
 
     def segment_backward_begin(self, segment: Segment) -> None:
         self.scheduler.acquire(segment.needs)
@@ -350,7 +353,7 @@ class Runtime(SegmentHooks):
 
     def segment_backward_end(self, segment: Segment) -> None:
         self.scheduler.release(segment.needs)
-        release_freed_heap()
+        release_freed_heap(self.heap_keep)
         self._outstanding[segment.owner] -= 1
         for name in segment.needs:
             self._maybe_finish_unit(self.scheduler.units[name])

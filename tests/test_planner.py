@@ -111,6 +111,15 @@ def test_largest_batch_that_fits(tmp_path):
     assert not over.fits
 
 
+def test_heap_keep_is_counted_in_the_host_peak():
+    """Freed heap the runtime keeps for reuse (Runtime(heap_keep=)) is memory the process holds."""
+    config = json.loads((LLAMA_7B / "config.json").read_text())
+    base = plan(config, RunConfig(seq_len=512, dtype="bf16"), MACHINE)
+    kept = plan(config, RunConfig(seq_len=512, dtype="bf16", heap_keep=256 * 2**20), MACHINE)
+    assert kept.peak_host_bytes - base.peak_host_bytes == 256 * 2**20
+    assert kept.memory["allocator_slack_bytes"] - base.memory["allocator_slack_bytes"] == 256 * 2**20
+
+
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as exit_info:
         main(list(argv))

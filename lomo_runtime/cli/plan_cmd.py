@@ -27,6 +27,7 @@ def _size(value: str | None, what: str) -> int | None:
 @click.option("--rule", type=click.Choice(["sgd", "adamw", "adalomo"]), default="sgd", show_default=True)
 @click.option("--memory-budget", help="Device memory (on CPU: process RSS) to fit, e.g. 24GiB.")
 @click.option("--weights-budget", help="Cap on resident weight bytes (experts, tests).")
+@click.option("--heap-keep", help="Freed heap the runtime keeps mapped (train --heap-keep), e.g. 256MiB.")
 @click.option("--host-memory", help="Host RAM (default: this machine's).")
 @click.option("--offload-dir", default=None, type=click.Path(), help="Where the working store goes (free space is checked).")
 @click.option("--prefetch-depth", type=click.IntRange(min=0), default=2, show_default=True)
@@ -37,7 +38,7 @@ def _size(value: str | None, what: str) -> int | None:
 @click.option("--max-batch-size", is_flag=True, help="Search the largest batch size that fits.")
 @click.option("--max-seq-len", is_flag=True, help="Search the longest sequence that fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def plan_command(model_dir, seq_len, batch_size, device, dtype, rule, memory_budget, weights_budget, host_memory,
+def plan_command(model_dir, seq_len, batch_size, device, dtype, rule, memory_budget, weights_budget, heap_keep, host_memory,
                  offload_dir, prefetch_depth, flops, disk_read_bw, disk_write_bw, h2d_bw, max_batch_size,
                  max_seq_len, as_json) -> None:
     """Predict peak memory, I/O and step time of a training job, and whether it fits."""
@@ -54,7 +55,7 @@ def plan_command(model_dir, seq_len, batch_size, device, dtype, rule, memory_bud
             machine.source[attr] = "flag"
     run = RunConfig(seq_len=seq_len, batch_size=batch_size, dtype=dtype, rule=rule, device=device,
                     memory_budget=budget, weights_budget=_size(weights_budget, "--weights-budget"),
-                    prefetch_depth=prefetch_depth)
+                    prefetch_depth=prefetch_depth, heap_keep=_size(heap_keep, "--heap-keep") or 0)
     if max_batch_size or max_seq_len:
         result = largest_fitting(config, run, machine, "batch_size" if max_batch_size else "seq_len")
     else:

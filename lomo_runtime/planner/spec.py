@@ -155,6 +155,8 @@ class RunConfig:
     """fp32 master weights kept beside 16-bit weights in the store (+4 B/param of disk and I/O)."""
     grad_accumulation: bool = False
     """Micro-batch gradient accumulation: an fp32 buffer per weight streamed with its unit (+4 B/param)."""
+    heap_keep: int = 0
+    """Freed heap the runtime leaves mapped for reuse (`Runtime(heap_keep=)`): counted as allocator slack."""
     keep_logits: bool = True
     """The caller holds the output (and its logits) during backward, as `out = rt.model(...)` does."""
 
