@@ -116,7 +116,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         dtype=cfg.torch_dtype, prefetch_depth=cfg.prefetch_depth, io_threads=cfg.io_threads, resume=cfg.resume,
         seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, master_weights=cfg.master_weights,
         stochastic_rounding=cfg.stochastic_rounding, grad_accumulation=cfg.grad_accum_steps > 1,
-        checkpoint=checkpoint,
+        checkpoint=checkpoint, heap_keep=cfg.heap_keep or 0,
     )
     with rt:
         # Written only now, under the store's lock: a refused second run must not touch this run's files.
@@ -141,16 +141,17 @@ def train(cfg: TrainConfig) -> TrainResult:
                 rt.reset_peaks()
                 started = time.perf_counter()
                 k = cfg.grad_accum_steps
-                last_loss, tokens = 0.0, 0
+                last_loss, tokens, loss_tokens = 0.0, 0, 0
                 for micro in range(k):
                     ids, labels = next(train_batches)
                     # Each micro-batch's mean loss is scaled by 1/k, so the applied gradient is the mean over all.
                     loss = rt.model(input_ids=ids, labels=labels).loss / k
                     last_loss += float(loss.item())
-                    tokens += tokens_in((ids, labels))
+                    tokens += ids.numel()  # positions run through forward and backward (the compute)
+                    loss_tokens += tokens_in((ids, labels))  # positions the loss covers (prompt tokens excluded)
                     final = micro == k - 1
                     # What a crash between commit and the metrics line must not lose travels with the commit.
-                    summary = {"step": step + 1, "loss": last_loss, "tokens": tokens, "lr": lr}
+                    summary = {"step": step + 1, "loss": last_loss, "tokens": tokens, "loss_tokens": loss_tokens, "lr": lr}
                     result = rt.backward(loss, lr=lr, accumulate=not final, commit_meta={
                         "trainer": {"batches": train_batches.state_dict(), "last_metrics": summary,
                                     "dropped_total": dropped_total}} if final else None)
@@ -254,7 +255,8 @@ def _write_plan(rt: Runtime, cfg: TrainConfig, out: Path) -> None:
     run = RunConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size, dtype=cfg.dtype, rule=cfg.rule, device=rt.device,
                     memory_budget=parse_size(cfg.memory_budget) if cfg.memory_budget else None,
                     weights_budget=rt.weights_budget, prefetch_depth=cfg.prefetch_depth,
-                    master_weights=rt.master_weights, grad_accumulation=rt.grad_accumulation)
+                    master_weights=rt.master_weights, grad_accumulation=rt.grad_accumulation,
+                    heap_keep=rt.heap_keep)
     predicted = plan(spec, run, load_machine(rt.device, cfg.dtype))
     tmp = out / "plan.json.tmp"
     tmp.write_text(json.dumps(predicted.to_json(), indent=1))
