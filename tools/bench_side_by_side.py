@@ -135,16 +135,58 @@ def _setup_lomo(args) -> _Method:
     return _Method(model, step)
 
 
+def _deepspeed_copy_gathered_nvme_params() -> None:
+    """Give every gathered NVMe parameter its own full tensor, as a GPU run would.
+
+    DeepSpeed 0.19.8 bug on the CPU accelerator with one rank (the only patch in this
+    benchmark, and it patches nothing but this): with a partition world size of 1 the
+    all-gather is skipped and `NoGatherHandle` / `NoGatherCoalescedHandle`
+    (runtime/zero/partition_parameters.py:74 and :105) set
+    `param.data = param.ds_tensor.data.to(current_device)`. On a GPU that `.to` copies the
+    partition out of its pinned swap buffer; on the CPU it returns the same tensor, so the
+    full parameter *is* a slice of the NVMe swap buffer. When the module is released
+    (`remove_partition_and_release_buffers`, swap_tensor/partitioned_param_swapper.py:236)
+    the buffer goes back to the pool and the next `swap_in` reads another parameter into
+    it, while autograd still holds the old view for backward. Training runs, but with
+    the wrong weights in backward: on a 2-layer Llama every gradient before the last MLP
+    came out with random signs (sign agreement with torch 0.5). Cloning restores the
+    GPU semantics (a private full tensor, freed on release) and reproduces DeepSpeed's
+    own in-memory ZeRO-3 losses bit for bit. Only NVMe partitions are copied; a
+    CPU-resident partition has storage of its own, so aliasing it is harmless.
+    """
+    from deepspeed.runtime.zero import partition_parameters
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    original = partition_parameters._no_gather_coalesced
+    if getattr(original, "copies_nvme_params", False):
+        return
+
+    def no_gather_coalesced(params):
+        params = list(params)
+        handle = original(params)  # sets param.data to a view of the partition
+        for param in params:
+            if getattr(param.ds_tensor, "final_location", None) == OffloadDeviceEnum.nvme:
+                param.data = param.data.clone()
+        return handle
+
+    no_gather_coalesced.copies_nvme_params = True
+    # all_gather_coalesced looks this module global up at call time, so this reaches every gather.
+    partition_parameters._no_gather_coalesced = no_gather_coalesced
+
+
 def _setup_deepspeed(args) -> _Method:
     import deepspeed
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     # One process on the CPU accelerator; the shared-memory comm op would JIT-build
     # for about 85 s and is useless with one rank, so plain gloo is used.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    _deepspeed_copy_gathered_nvme_params()
     nvme = Path(args.scratch) / "deepspeed-nvme"
     nvme.mkdir(parents=True, exist_ok=True)
+    # Every swap buffer holds the largest tensor: the tied embedding, 49152 x 576 = 28.3M
+    # elements, 113 MB. The buffers are mlock'ed, so each one is resident (counted in RSS).
     largest = _largest_tensor_numel(args.model)
     config = {
         "train_micro_batch_size_per_gpu": args.batch_size,
@@ -153,18 +195,31 @@ def _setup_deepspeed(args) -> _Method:
         "optimizer": {"type": "AdamW", "params": {"lr": args.adamw_lr, "weight_decay": 0.0}},
         "zero_optimization": {
             "stage": 3,
+            # Parameters on NVMe through the async_io op (libaio, loads here). Only tensors
+            # of at least 1 MiB are swapped (swap_tensor/utils.py MIN_AIO_BYTES): the
+            # embedding and q/o/gate/up/down of each block; k/v and norms stay in memory.
+            # max_in_cpu 0: no flat copy of the parameters kept in memory.
             "offload_param": {
                 "device": "nvme", "nvme_path": str(nvme), "pin_memory": False,
-                # Each swap buffer must hold the largest tensor (the tied embedding,
-                # 49152 x 576 = 28.3M elements, 113 MB) and a block's nine tensors are
-                # live at once: 5 buffers failed ("Not enough buffers 0 for swapping 1").
-                "buffer_count": 16, "buffer_size": largest, "max_in_cpu": 0,
+                "buffer_count": 4, "buffer_size": largest, "max_in_cpu": 0,
             },
-            # ZeRO-Infinity: optimizer state and fp32 partitions on NVMe too. With parameters
-            # alone on NVMe (torch AdamW state in memory) the swap buffers were never freed
-            # after the first optimizer step: "Not enough buffers 0 for swapping 1" at step 2.
+            # The cause of "Not enough buffers 0 for swapping 1" at step 2: with a complete
+            # trace (from step 2 on) a released module keeps every parameter it will use
+            # again within stage3_max_reuse_distance elements (default 1e9, more than the
+            # model's 135M; partitioned_param_coordinator.py __params_to_release), and
+            # with activation checkpointing every parameter is used again in backward, so
+            # forward never gives a swap buffer back and any buffer_count below the number
+            # of swapped tensors (151 here) runs dry. 0 releases each module after use.
+            "stage3_max_reuse_distance": 0,
+            # ZeRO-Infinity: fp32 master weights, gradients and AdamW moments on NVMe too,
+            # swapped one sub-group at a time through buffer_count pinned buffers of
+            # sub_group_size elements (4 = weights, two moments, gradient). The default
+            # 1e9 would make all 135M parameters one sub-group: 4 x 540 MB pinned, plus a
+            # 540 MB buffer for writing the updated weights back. Sub-groups of the
+            # largest tensor bound both to its size.
             "offload_optimizer": {"device": "nvme", "nvme_path": str(nvme), "pin_memory": False,
                                   "buffer_count": 4},
+            "sub_group_size": largest,
             "stage3_param_persistence_threshold": 0,
         },
         "aio": {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True,
@@ -187,7 +242,8 @@ def _setup_deepspeed(args) -> _Method:
         engine.step()
         return float(loss.detach())
 
-    info = {"deepspeed": deepspeed.__version__, "config": config}
+    info = {"deepspeed": deepspeed.__version__, "config": config,
+            "patch": "partition_parameters._no_gather_coalesced copies gathered NVMe params (CPU, one rank)"}
 
     def close():
         # Proof that parameters really live on NVMe: the swap files DeepSpeed holds there.
