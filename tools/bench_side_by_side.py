@@ -13,7 +13,9 @@ threads, each method in its own subprocess so peak memory never mixes:
     deepspeed  DeepSpeed ZeRO-3 (ZeRO-Infinity), parameters and optimizer state
                offloaded to NVMe, its own CPU AdamW
                (CPU accelerator, gloo, one process); lomo-optim + ZeRO-3 is broken
-               in DeepSpeed 0.19.8, so DeepSpeed runs with its own optimizer
+               in DeepSpeed 0.19.8, so DeepSpeed runs with its own optimizer; one
+               patch fixes a CPU-only aliasing bug in 0.19.8 that trains on wrong
+               gradients (`_deepspeed_copy_gathered_nvme_params`)
     resident   lomo-run, fused SGD, every unit resident
     streamed   lomo-run, fused SGD, weights budget of a quarter of the weights
 
@@ -198,10 +200,13 @@ def _setup_deepspeed(args) -> _Method:
             # Parameters on NVMe through the async_io op (libaio, loads here). Only tensors
             # of at least 1 MiB are swapped (swap_tensor/utils.py MIN_AIO_BYTES): the
             # embedding and q/o/gate/up/down of each block; k/v and norms stay in memory.
-            # max_in_cpu 0: no flat copy of the parameters kept in memory.
+            # max_in_cpu 0: no flat copy of the parameters kept in memory. Each module
+            # fetch needs one buffer (every swapped tensor is a leaf Linear's or the tied
+            # embedding's weight); 2 buffers trained correctly on a tiny Llama, the third
+            # lets the next weight be read ahead.
             "offload_param": {
                 "device": "nvme", "nvme_path": str(nvme), "pin_memory": False,
-                "buffer_count": 4, "buffer_size": largest, "max_in_cpu": 0,
+                "buffer_count": 3, "buffer_size": largest, "max_in_cpu": 0,
             },
             # The cause of "Not enough buffers 0 for swapping 1" at step 2: with a complete
             # trace (from step 2 on) a released module keeps every parameter it will use
@@ -220,6 +225,10 @@ def _setup_deepspeed(args) -> _Method:
             "offload_optimizer": {"device": "nvme", "nvme_path": str(nvme), "pin_memory": False,
                                   "buffer_count": 4},
             "sub_group_size": largest,
+            # Gradients are copied into a reduce bucket of this many elements (default 5e8,
+            # 2 GB, touched up to the model's 135M = 540 MB) before landing in the
+            # full-model fp32 gradient partition that ZeRO-3 keeps in memory anyway.
+            "reduce_bucket_size": largest,
             "stage3_param_persistence_threshold": 0,
         },
         "aio": {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True,
