@@ -95,6 +95,7 @@ CASES: list[tuple[str, Callable[[Job, Path], list[str]], int, tuple[str, ...]]] 
     ("yaml-bad-value", _yaml("schedule: exponential\n"), 2, ("--schedule", "exponential")),
     ("flag-negative-lr", _flags("--lr", "-1"), 2, ("--lr",)),
     ("flag-bad-size", _flags("--weights-budget", "lots"), 2, ("--weights-budget", "lots")),
+    ("flag-bad-heap-keep", _flags("--heap-keep", "lots"), 2, ("--heap-keep", "lots")),
     # -- data files
     ("data-text-is-number", _data(json.dumps({"text": 5}) + "\n"), 2, ("{data}:1", '"text" must be a string')),
     ("data-empty-completion", _data(GOOD + json.dumps({"prompt": "Q: hi", "completion": " "}) + "\n"), 2,
