@@ -25,6 +25,9 @@ Invariants:
   runs at 2.1-3.3 GB/s here and releases the GIL; it is done after the read,
   so a verified 256 MiB unit reads at ~0.85 GB/s against ~1.25 GB/s unverified
   (cold, O_DIRECT). The prefetch thread hides both behind compute.
+- The manifest carries a CRC-32 of its own content (canonical JSON), checked
+  on open: a manifest that parses but was changed is refused like a damaged
+  unit file.
 - One process owns a store at a time: ``flock(LOCK_EX | LOCK_NB)`` on
   ``work_dir/lock``. The kernel drops the lock when its holder dies, so a killed
   run never leaves a stale lock. (A child forked while the store is open shares
@@ -55,7 +58,7 @@ from .errors import StoreError
 from .io import ALIGN, align_up, aligned_empty, fault_point, read_into, write_file
 
 FORMAT = "lomo-run working store"
-VERSION = 1
+VERSION = 2  # 2: the manifest carries a CRC-32 of its own content (1, without it, is still read)
 MANIFEST = "manifest.json"
 LOCK = "lock"
 UNITS_DIR = "units"
@@ -256,14 +259,26 @@ def _unlink_unreferenced(path: Path) -> bool:
         return False
 
 
+def _manifest_checksum(data: dict[str, Any]) -> str:
+    """CRC-32 of the manifest's content in canonical JSON (sorted keys, no spaces): a flipped
+    digit in the step, the meta or a unit's checksum is caught like a damaged unit file."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return f"{zlib.crc32(canonical):08x}"
+
+
 def _read_manifest(work: Path) -> dict[str, Any]:
     path = work / MANIFEST
     try:
         data = json.loads(path.read_text())
         if data.get("format") != FORMAT:
             raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
-        if data.get("version") != VERSION:
-            raise ValueError(f"version {data.get('version')!r}; this lomo-run reads version {VERSION}")
+        if data.get("version") not in (1, VERSION):
+            raise ValueError(f"version {data.get('version')!r}; this lomo-run reads versions 1 and {VERSION}")
+        if data["version"] >= 2:
+            stored = data.pop("checksum", None)
+            actual = _manifest_checksum(data)
+            if stored != actual:
+                raise ValueError(f"its checksum is {stored!r}, its content's is {actual!r}")
         units = [UnitRecord.from_json(u) for u in data["units"]]
         step = int(data["step"])
         meta = data.get("meta", {})
@@ -548,6 +563,7 @@ class WorkingStore:
             "meta": meta,
             "units": [rec.to_json() for rec in units.values()],
         }
+        data["checksum"] = _manifest_checksum(data)
         text = json.dumps(data, indent=1).encode()
         tmp = self.dir / (MANIFEST + ".tmp")
         target = self.dir / UNITS_DIR  # what the failing call was working on, for the message

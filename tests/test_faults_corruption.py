@@ -7,6 +7,7 @@ real `lomo-run train` children from the fault suite's fork server.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -79,6 +80,32 @@ def test_damaged_manifest_is_refused(job, tmp_path: Path, capsys) -> None:
     assert train_in_process(job, out, "--steps", "4", "--resume") == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"{manifest} is damaged" in err
+
+
+def test_manifest_checksum_catches_a_changed_digit(job, tmp_path: Path, capsys) -> None:
+    """A manifest that still parses but says something else (here: the step) is refused too."""
+    out = tmp_path / "out"
+    assert train_in_process(job, out, "--steps", "2") == 0
+    capsys.readouterr()
+    manifest = out / "store" / "manifest.json"
+    text = manifest.read_text()
+    assert '"step": 2,' in text
+    manifest.write_text(text.replace('"step": 2,', '"step": 3,', 1))
+    assert train_in_process(job, out, "--steps", "4", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{manifest} is damaged" in err and "checksum" in err
+
+
+def test_version_1_manifest_without_checksum_still_resumes(job, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert train_in_process(job, out, "--steps", "2") == 0
+    manifest = out / "store" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["checksum"]
+    data["version"] = 1
+    manifest.write_text(json.dumps(data))
+    assert train_in_process(job, out, "--steps", "3", "--resume") == 0
+    assert json.loads(manifest.read_text())["version"] == 2  # the next commit writes the current version
 
 
 def test_corruption_during_a_run_stops_it_before_any_update(job, tmp_path: Path) -> None:
