@@ -89,11 +89,12 @@ def release_freed_heap(keep_bytes: int = 0) -> None:
     The runtime calls it after each unit's forward and backward.
 
     `keep_bytes` > 0 trims only when the free heap exceeds it (glibc
-    `mallinfo2().fordblks`, main arena): up to that much freed memory stays
-    mapped for the next unit to reuse, trading RSS for page faults. Trimming
-    after every unit re-faults every temporary: on the demo (SmolLM2-135M,
-    30 blocks, 8 x 128 tokens) 256 MiB kept took a step from 12.0 to 10.5 s
-    and its system time from 29 to 26 s per 5 steps; 1 GiB kept, to 9.5 s.
+    `mallinfo2().fordblks`, summed over arenas): up to that much freed memory
+    stays mapped for the next unit to reuse, trading RSS for page faults.
+    Trimming after every unit re-faults every temporary: on the demo
+    (SmolLM2-135M, 30 blocks, 8 x 128 tokens, 5 steps) a step took 12.0 s at
+    1.19 GiB peak RSS with 0, 10.5 s at 1.33 GiB with 256 MiB kept, 9.5 s at
+    1.62 GiB with 1 GiB. Without `mallinfo2` (glibc < 2.33) it always trims.
     """
     if _malloc_trim is None:
         return

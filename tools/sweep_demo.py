@@ -3,7 +3,7 @@
     python tools/sweep_demo.py --rule sgd --lr 0.01 --steps 40                  # configs/demo.yaml's old settings
     python tools/sweep_demo.py --rule adalomo --lr 1e-3 --clip-norm 1.0 --steps 40
 
-Same data, packing, batches (seed 0), schedule and update-rule math as `lomo-run train` (the rules'
+Same data, packing, batches (--seed, default 0 as the demo), schedule and update-rule math as `lomo-run train` (the rules'
 `apply` is called on each parameter after a plain backward), with the whole model in memory and exact
 global-norm clipping. lomo-run's streamed path equals this to 1e-6 (tests/test_rules.py), so a setting
 found here transfers. Prints held-out (accuracy, answer loss) at step 0 and every --eval-every steps, and
@@ -39,16 +39,17 @@ def main() -> None:
     ap.add_argument("--clip-value", type=float, default=None)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-limit", type=int, default=None, help="score only the first N held-out examples")
+    ap.add_argument("--seed", type=int, default=0, help="batch order (the demo's seed is 0)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log", default="runs/sweep_demo.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
 
     tok = load_tokenizer(args.model)
     held_out = load_choice_examples(f"{args.data}/sentiment-eval.jsonl")[: args.eval_limit]
     seqs = pack(tokenize_examples(load_examples(f"{args.data}/sentiment-train.jsonl"), tok), args.seq_len, pad_id=pad_id_of(tok))
-    batches = Batches(seqs, args.batch_size, seed=0)
+    batches = Batches(seqs, args.batch_size, seed=args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
     model.config.use_cache = False
     rule = rule_by_name(args.rule, lr=args.lr)
