@@ -22,7 +22,7 @@ import torch
 from .config import TrainConfig
 from .data import Batches, load_examples, load_tokenizer, pack, pad_id_of, split_holdout, tokenize_examples, tokens_in
 from .errors import LomoError, UserError
-from .evaluation import load_choice_examples, score_choices
+from .evaluation import ChoiceExample, ChoiceResult, load_choice_examples, score_choices
 from .progress import MetricsWriter, Progress
 from .rules import rule_by_name
 from .runtime import Runtime
@@ -131,6 +131,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         last_loss: float | None = None
         eval_loss: float | None = None
         dropped_in_a_row = 0
+        evaluated_at, scored = None, None  # step of the last periodic eval, and its multiple-choice result
         dropped_total = int((state or {}).get("dropped_total", 0))  # survives --resume
         try:
             while rt.step < cfg.steps:
@@ -184,9 +185,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                     eval_loss = evaluate(rt, eval_batches, cfg.eval_batches)
                     record["eval_loss"] = eval_loss
                     if choices:
-                        with eval_mode(rt.model):
-                            scored = score_choices(rt.model, tokenizer, choices, batch_size=2 * cfg.batch_size)
+                        scored = _score(rt, tokenizer, choices, cfg)
                         record["eval_accuracy"], record["eval_choice_loss"] = scored.accuracy, scored.loss
+                    evaluated_at = rt.step
                 metrics.write(record)
                 progress.update(rt.step, last_loss, tokens, record["peak_host_bytes"])
                 if dropped_in_a_row >= cfg.max_dropped_steps:
@@ -197,13 +198,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                     )
                 if cfg.export_every and rt.step % cfg.export_every == 0 and not result.dropped:
                     _export(rt, out / f"checkpoint-{rt.step}")
-            eval_loss = evaluate(rt, eval_batches, cfg.eval_batches)
+            if evaluated_at != rt.step:  # the last step's periodic eval already scored these weights
+                eval_loss = evaluate(rt, eval_batches, cfg.eval_batches)
+                scored = _score(rt, tokenizer, choices, cfg) if choices else None
             if eval_loss is not None:
                 metrics.write({"step": rt.step, "final_eval_loss": eval_loss})
                 progress.write(f"eval loss {eval_loss:.4f}")
-            if choices:
-                with eval_mode(rt.model):
-                    scored = score_choices(rt.model, tokenizer, choices, batch_size=2 * cfg.batch_size)
+            if scored is not None:
                 metrics.write({"step": rt.step, "final_eval_accuracy": scored.accuracy, "final_eval_choice_loss": scored.loss})
                 progress.write(f"eval accuracy {scored.accuracy:.3f} ({len(choices)} examples)")
         finally:
@@ -211,6 +212,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             metrics.close()
         model_dir = _export(rt, out / "model")
     return TrainResult(steps=cfg.steps, final_loss=last_loss, eval_loss=eval_loss, model_dir=model_dir)
+
+
+def _score(rt: Runtime, tokenizer: Any, choices: list[ChoiceExample], cfg: TrainConfig) -> ChoiceResult:
+    """Multiple-choice accuracy and answer loss of the current weights (eval mode, streamed)."""
+    with eval_mode(rt.model):
+        return score_choices(rt.model, tokenizer, choices, batch_size=2 * cfg.batch_size)
 
 
 def _recover_last_metrics(metrics: MetricsWriter, path: Path, state: dict | None, step: int) -> None:

@@ -155,7 +155,8 @@ def test_eval_data_scores_multiple_choice_during_training(job: dict[str, Path], 
     scored = [r for r in records if "eval_accuracy" in r]
     assert [r["step"] for r in scored] == [2, 4]
     assert all(0.0 <= r["eval_accuracy"] <= 1.0 and r["eval_choice_loss"] > 0 for r in scored)
-    assert "final_eval_accuracy" in records[-1]
+    assert records[-1]["final_eval_accuracy"] == scored[-1]["eval_accuracy"]  # step 4's scores, not a second pass
+    assert records[-1]["final_eval_choice_loss"] == scored[-1]["eval_choice_loss"]
 
 
 def test_export_command_writes_the_committed_step(job: dict[str, Path], tmp_path: Path) -> None:
