@@ -4,7 +4,7 @@ Each case arms ``LOMO_RUN_FAULTS`` in a `lomo-run train` process and expects:
 
 - a non-zero exit (2: a ``StoreError``, the user must act: free space, check the disk)
   with one ``error:`` line naming the file and the errno's text, no traceback;
-- the store at the last committed step, every file it names intact (size, CRC-32);
+- the store at the last committed step, every file it names intact (size, checksum);
   files of the failed step are never named by the manifest;
 - ``--resume`` without the fault completes and ends bit-identical to an
   uninterrupted run, every step logged once.
@@ -82,7 +82,7 @@ def test_io_fault_fails_cleanly_and_resume_matches(setup, tmp_path: Path, spec: 
 
     store = out / "store"
     if (store / "manifest.json").exists():
-        report = store_report(store)  # every file the manifest names: right size, right CRC-32
+        report = store_report(store)  # every file the manifest names: right size, right checksum
         if step is not None:
             assert report["step"] == step, report
         # Files the failed step wrote are never named by the manifest.

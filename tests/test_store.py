@@ -7,18 +7,23 @@ import os
 import random
 import signal
 import time
+import zlib
 from pathlib import Path
 from typing import Callable
 
+import crc32c
 import pytest
 import torch
 
+from fault_harness import store_report
 from lomo_runtime.errors import StoreError
 from lomo_runtime.io import ALIGN, aligned_empty
 from lomo_runtime.store import (
+    VERSION,
     TensorSlot,
     UnitRecord,
     WorkingStore,
+    checksum,
     layout,
     pack_tensors,
     tensor_views,
@@ -170,13 +175,130 @@ def test_checksum_mismatch_names_unit_and_file(tmp_path: Path) -> None:
         f.write(bytes([byte[0] ^ 1]))
     with WorkingStore.open(work) as store:
         buf = aligned_empty(rec.nbytes)
-        with pytest.raises(StoreError, match=r"unit head: checksum mismatch in .*units/head\.g0\.bin"):
+        with pytest.raises(StoreError, match=r"unit head: checksum mismatch in .*units/head\.g0\.bin \(crc32c: "):
             store.read_unit("head", buf)
         with pytest.raises(StoreError, match="unit head"):
             _read_all(store)
     os.truncate(path, rec.nbytes - ALIGN)
     with pytest.raises(StoreError, match=r"unit head: file .*head\.g0\.bin holds"):
         WorkingStore.open(work)
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+
+
+def _downgrade(work: Path, version: int) -> None:
+    """Rewrite a closed store's manifest as lomo-run wrote it at ``version`` 1 or 2: zlib CRC-32
+    unit checksums, no algorithm names, and (version 2) a CRC-32 of the canonical content."""
+    path = work / "manifest.json"
+    data = json.loads(path.read_text())
+    del data["checksum"], data["unit_checksum"]
+    data["version"] = version
+    for unit in data["units"]:
+        del unit["checksum_alg"]
+        unit["checksum"] = zlib.crc32((work / unit["file"]).read_bytes())
+    if version >= 2:
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        data["checksum"] = f"{zlib.crc32(canonical):08x}"
+    path.write_text(json.dumps(data, indent=1))
+
+
+def test_unit_checksum_is_crc32c() -> None:
+    assert checksum(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert checksum(b"123456789", "crc32") == 0xCBF43926  # zlib's CRC-32, for version 1-2 stores
+    assert checksum(b"") == 0
+
+
+def test_new_store_names_crc32c_and_its_checksums_are_crc32c(tmp_path: Path) -> None:
+    work = tmp_path / "store"
+    _create(work).close()
+    manifest = json.loads((work / "manifest.json").read_text())
+    assert manifest["version"] == VERSION == 3 and manifest["unit_checksum"] == "crc32c"
+    for unit in manifest["units"]:
+        data = (work / unit["file"]).read_bytes()
+        assert unit["checksum_alg"] == "crc32c" and unit["checksum"] == crc32c.crc32c(data) != zlib.crc32(data)
+    assert store_report(work)["named"] == {"embed.g0.bin", "block.0.g0.bin", "head.g0.bin"}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_old_store_with_zlib_checksums_opens_reads_and_catches_damage(tmp_path: Path, version: int) -> None:
+    work = tmp_path / "store"
+    with _create(work) as store:
+        before = _read_all(store)
+    _downgrade(work, version)
+    store_report(work)  # the harness checks version-1/2 files with zlib too
+    with WorkingStore.open(work) as store:
+        assert {rec.checksum_alg for rec in store.units.values()} == {"crc32"}
+        after = _read_all(store)  # verified: a crc32c check of these files would fail
+        rec = store.units["head"]
+    assert all(torch.equal(after[n], t) for n, t in before.items())
+    _flip_byte(work / rec.file, rec.nbytes // 2)
+    with WorkingStore.open(work) as store:
+        with pytest.raises(StoreError, match=r"unit head: checksum mismatch in .*units/head\.g0\.bin \(crc32: "):
+            store.read_unit("head", aligned_empty(rec.nbytes))
+
+
+def test_commit_on_an_opened_version_2_store_keeps_each_files_algorithm(tmp_path: Path) -> None:
+    """The first commit writes a version-3 manifest: the rewritten unit is CRC-32C, the units it did
+    not touch keep their zlib CRC-32 (their files are not re-read), and all of them still verify."""
+    work = tmp_path / "store"
+    with _create(work) as store:
+        before = _read_all(store)
+    _downgrade(work, 2)
+    with WorkingStore.open(work) as store:
+        store.commit(1, {"block.0": _bump(store, "block.0", generation=1)})
+    manifest = json.loads((work / "manifest.json").read_text())
+    assert manifest["version"] == 3 and manifest["unit_checksum"] == "crc32c"
+    assert {u["name"]: u["checksum_alg"] for u in manifest["units"]} == {"embed": "crc32", "block.0": "crc32c", "head": "crc32"}
+    assert store_report(work)["step"] == 1
+    with WorkingStore.open(work) as store:
+        assert {n: r.checksum_alg for n, r in store.units.items()} == {"embed": "crc32", "block.0": "crc32c", "head": "crc32"}
+        after = _read_all(store)
+        recs = store.units
+    for name, t in before.items():
+        bumped = name.startswith("model.layers.0.") and t.is_floating_point()
+        assert torch.equal(after[name], t + 1 if bumped else t), name
+    for unit, alg in (("embed", "crc32"), ("block.0", "crc32c")):
+        _flip_byte(work / recs[unit].file, 7)
+        with WorkingStore.open(work) as store:
+            with pytest.raises(StoreError, match=rf"unit {unit}: checksum mismatch in .* \({alg}: "):
+                store.read_unit(unit, aligned_empty(recs[unit].nbytes))
+        _flip_byte(work / recs[unit].file, 7)  # undo, so the next unit is the only damage
+
+
+def test_version_3_record_must_name_a_known_algorithm(tmp_path: Path) -> None:
+    from lomo_runtime.store import _manifest_checksum
+
+    work = tmp_path / "store"
+    _create(work).close()
+    path = work / "manifest.json"
+    good = json.loads(path.read_text())
+    for damage, message in (("md5", "unknown checksum algorithm 'md5'"), (None, "checksum_alg")):
+        data = json.loads(json.dumps(good))
+        del data["checksum"]
+        if damage is None:
+            del data["units"][1]["checksum_alg"]
+        else:
+            data["units"][1]["checksum_alg"] = damage
+        data["checksum"] = _manifest_checksum(data)
+        path.write_text(json.dumps(data))
+        with pytest.raises(StoreError, match=f"is damaged or not a lomo-run manifest: .*{message}"):
+            WorkingStore.open(work)
+
+
+def test_create_reports_each_unit_written(tmp_path: Path) -> None:
+    calls: list[tuple[str, int, int, int]] = []
+    with _create(tmp_path / "store", on_unit=lambda *args: calls.append(args)) as store:
+        sizes = [rec.nbytes for rec in store.units.values()]
+    assert [c[0] for c in calls] == ["embed", "block.0", "head"]
+    assert [c[1] for c in calls] == [1, 2, 3]
+    assert [c[2] for c in calls] == [sum(sizes[:i]) for i in (1, 2, 3)]
+    assert {c[3] for c in calls} == {0}
 
 
 def test_misuse_is_refused(tmp_path: Path) -> None:
@@ -330,7 +452,7 @@ def test_sigkill_during_commit_leaves_old_or_new_step(tmp_path: Path) -> None:
             for unit, rec in store.units.items():
                 assert rec.generation == store.step
                 buf = aligned_empty(rec.nbytes)
-                store.read_unit(unit, buf)  # verifies size and CRC-32
+                store.read_unit(unit, buf)  # verifies size and CRC-32C
                 for name, t in tensor_views(buf, rec.tensors).items():
                     assert torch.equal(t, versions[store.step][unit][name]), (unit, name, store.step)
             return store.step
