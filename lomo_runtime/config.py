@@ -59,6 +59,8 @@ class TrainConfig:
     io_threads: int = 2
     threads: int | None = None           # torch intra-op threads (default: torch's choice)
     max_dropped_steps: int = 5           # stop after this many consecutive dropped (non-finite) steps
+    commit_every: int = 10               # make the step durable every N steps (and at the end, exports, exit)
+    commit_interval: str | None = None   # ... or after this much time, whichever comes first: "10m", "90s", "1h"
     resume: bool = False
 
     def validate(self) -> "TrainConfig":
@@ -76,6 +78,9 @@ class TrainConfig:
         _positive_int("prefetch_depth", self.prefetch_depth)
         _positive_int("io_threads", self.io_threads)
         _positive_int("max_dropped_steps", self.max_dropped_steps)
+        _positive_int("commit_every", self.commit_every)
+        if self.commit_interval is not None:
+            parse_duration(self.commit_interval, "--commit-interval")
         if self.threads is not None:
             _positive_int("threads", self.threads)
         _finite("lr", self.lr, minimum=0.0, strict=True)
@@ -111,6 +116,22 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str | float | int, what: str = "duration") -> float:
+    """Seconds from "90", "90s", "10m", "1.5h"; a UserError naming `what` for anything else."""
+    raw = str(text).strip().lower()
+    number, unit = (raw[:-1], raw[-1]) if raw and raw[-1] in _DURATION_UNITS else (raw, "s")
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UserError(f"{what}: expected a positive duration such as 90s, 10m or 1h, got {text!r}")
+    return seconds
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -14,11 +14,24 @@ Invariants this module keeps:
   contribution has arrived (a tied embedding gets two: from the head and from
   the embedding segment), and its gradient is freed right after.
 * A step is all or nothing: a non-finite loss or gradient (an fp16 overflow
-  included) drops it; the units it touched are re-read from the last commit.
+  included) drops it. A non-finite loss is caught before any update, so only
+  that step is lost. A non-finite gradient is caught mid-backward, after some
+  units were updated: every unit goes back to the last commit, and so do the
+  completed steps since it (`StepResult.rolled_back` of them; the caller
+  replays their batches, as the trainer does). With `commit_every=1` (every
+  step committed) nothing but the dropped step is ever rolled back.
+* Commits every `commit_every` steps (or `commit_interval_s` seconds, whichever
+  comes first), at `commit()`, at `export()` and at `close()`. Between commits a
+  unit that stays resident is not written at all; one evicted with updates is
+  written to the interval's uncommitted generation, never over the committed
+  file (scheduler). `Runtime.step` counts completed steps, `committed_step` the
+  durable ones; after a crash the store is at `committed_step` and a caller
+  that replays the steps since (data, dropout seeds, learning rate and rounding
+  seeds as functions of the step) ends bit-identical to an uninterrupted run.
 * Rule state, fp32 master weights and gradient-accumulation buffers are extra
   tensors in the unit's file (`<param>::<key>`), so they stream with the unit
-  and are committed with it.
-* The store's committed step always equals `Runtime.step`.
+  and are committed with it. The store records the rule and the settings that
+  give that state its meaning; a resume with others is refused.
 """
 from __future__ import annotations
 
@@ -27,7 +40,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -37,7 +50,7 @@ from .checkpoint.safetensors_file import DTYPES
 from .errors import DoesNotFit, UserError
 from .io import aligned_empty
 from .memory import current_rss_bytes, peak_rss_bytes, release_freed_heap, reset_peak_rss
-from .native import stochastic_round_bf16_native
+from .native import rounding_seed, stochastic_round_bf16
 from .rules import SGD, UpdateContext, UpdateRule
 from .scheduler import Scheduler, Unit, UnitState
 from .segments import Segment, SegmentHooks, wrap_segment
@@ -47,6 +60,12 @@ from .staging import StagingPool
 from .store import WorkingStore, dtype_name, layout, tensor_views
 
 STATE_SEP = "::"  # "<param name>::<state key>" names a state tensor in a unit file
+
+# Commit every 10 steps by default. A commit writes every unit still dirty in memory and fsyncs
+# the manifest; all-resident, that is the whole model (the demo's SmolLM2-135M: 0.54 GB of
+# weights plus AdaLomo state). At 10 steps its cost is a few percent of the interval's time, and a
+# crash loses at most 9 steps of work, which resume replays.
+DEFAULT_COMMIT_EVERY = 10
 
 
 class _StepFailed(Exception):
@@ -71,10 +90,13 @@ class _ParamInfo:
 class StepResult:
     """What one `Runtime.backward` did."""
 
-    step: int                   # the committed step after this call
+    step: int                   # completed steps after this call (`Runtime.step`); the weights are at this step
     dropped: bool               # True if the step was dropped (non-finite loss or gradient)
     reason: str = ""
-    accumulated: bool = False   # a micro-batch whose gradient was accumulated (nothing committed yet)
+    accumulated: bool = False   # a micro-batch whose gradient was accumulated (nothing applied yet)
+    committed: bool = False     # this call ended with a commit (the store is at `step`)
+    committed_step: int = 0     # the durable step after this call
+    rolled_back: int = 0        # completed steps undone by a drop: replay steps `step` .. `step + rolled_back - 1`
     grad_norm: float | None = None
     loss_scale: float | None = None
     backward_s: float = 0.0
@@ -129,9 +151,20 @@ class Runtime(SegmentHooks):
         seed: int = 0,
         checkpoint: Checkpoint | None = None,
         heap_keep: str | int = 0,
+        commit_every: int = DEFAULT_COMMIT_EVERY,
+        commit_interval_s: float | None = None,
+        on_progress: Callable[[str], None] | None = None,
     ) -> None:
         if device != "cpu":
             raise UserError(f"device {device!r}: only 'cpu' is implemented so far")
+        if not isinstance(commit_every, int) or isinstance(commit_every, bool) or commit_every < 1:
+            raise UserError(f"commit_every must be a positive integer, got {commit_every!r}")
+        if commit_interval_s is not None and not (math.isfinite(commit_interval_s) and commit_interval_s > 0):
+            raise UserError(f"commit_interval_s must be a positive number of seconds, got {commit_interval_s!r}")
+        self.commit_every = commit_every
+        self.commit_interval_s = commit_interval_s
+        # Long work (creating the store, a step of minutes) reports through this, one line at a time.
+        self.on_progress = on_progress
         self.model_dir = Path(model_dir)
         self.rule: UpdateRule = rule if rule is not None else SGD()
         self.device = device
@@ -149,7 +182,7 @@ class Runtime(SegmentHooks):
         # A caller that already validated the checkpoint (the trainer) passes it, so headers are read once.
         self.checkpoint = checkpoint if checkpoint is not None else Checkpoint.open(self.model_dir)
         self.store = self._open_store(resume)
-        self.step = self.store.step
+        self.step = self.store.step  # completed steps; the store's committed step lags it by < commit_every
         self.model = build_skeleton(str(self.model_dir), dtype)
         self._params: dict[nn.Parameter, _ParamInfo] = {}
         self._generation = 1 + max(rec.generation for rec in self.store.units.values())
@@ -159,6 +192,7 @@ class Runtime(SegmentHooks):
         # Capped at the weights budget: freed buffers of one size are dropped before another size overflows it.
         self.pool = StagingPool(self.weights_budget)
         self.scheduler = Scheduler(units, self.store, self.pool, self.weights_budget, prefetch_depth, io_threads)
+        self.scheduler.generation = self._generation
         self.segments = self._build_segments()
         self._check_minimum_budget()
         self._forward_sequence = [n for s in self.segments for n in s.needs]
@@ -174,6 +208,12 @@ class Runtime(SegmentHooks):
         self._clip_coef = 1.0
         self._norms: list[torch.Tensor] = []
         self._failed: str | None = None
+        self._touched = False        # this step's backward changed some unit (a drop must roll back)
+        self._accumulating = False   # micro-batches accumulated, their step not yet applied
+        self._commit_meta: dict = {}  # the caller's latest commit_meta, committed with the next commit
+        self._commit_due = False     # this step ends with a commit: write units as soon as they are done
+        self._last_commit_time = time.monotonic()
+        self._scaler_at: dict[int, dict[str, float]] = {}  # loss-scaler state at the start of each uncommitted step
         self._last_norm: float | None = self.store.meta.get("last_grad_norm")
         self.scaler = loss_scaler if loss_scaler is not None else (LossScaler() if dtype == torch.float16 else None)
         if self.scaler is not None and "loss_scaler" in self.store.meta:
@@ -188,10 +228,11 @@ class Runtime(SegmentHooks):
         manifest = self.work_dir / "manifest.json"
         if resume and manifest.exists():
             store = WorkingStore.open(self.work_dir)
-            stored = store.meta.get("dtype")
-            if stored != dtype_name(self.dtype):
+            try:
+                self._check_resume(store)
+            except BaseException:
                 store.close()
-                raise UserError(f"{self.work_dir}: the store holds {stored} weights; resume with the same --dtype")
+                raise
             return store
         if manifest.exists():
             raise UserError(
@@ -205,8 +246,54 @@ class Runtime(SegmentHooks):
 
         units = [(u.name, [(t, loader(t)) for t in u.tensor_names]) for u in self.checkpoint.units]
         meta = {"source_dir": str(self.model_dir.resolve()), "config": self.checkpoint.config,
-                "dtype": dtype_name(dtype)}
+                "dtype": dtype_name(dtype), "rule": self._rule_identity(), "master_weights": self.master_weights}
         return WorkingStore.create(self.work_dir, units, meta)
+
+    def _rule_identity(self) -> dict[str, Any]:
+        """The rule and the settings that give its state a meaning (recorded in the store).
+
+        lr, weight decay and clipping may change on resume (a new schedule); these may not:
+        AdamW's moments are averages under its betas and eps, and its bias correction uses the
+        global step, so fresh or differently-made moments at step 1000 take a wrong-sized step;
+        AdaLomo's second moments are averages under its decay rate and eps.
+        """
+        rule = self.rule
+        settings: dict[str, Any] = {}
+        for name in ("betas", "eps", "decay_rate"):
+            if hasattr(rule, name):
+                value = getattr(rule, name)
+                settings[name] = list(value) if isinstance(value, tuple) else value
+        return {"name": type(rule).__name__.lower(), "settings": settings}
+
+    def _check_resume(self, store: WorkingStore) -> None:
+        """Refuse a resume whose dtype, rule, rule state settings or master-weights setting differ
+        from the store's: continuing would add zeroed state or reinterpret the stored one."""
+        where = f"--resume from {self.work_dir} (step {store.step})"
+        stored = store.meta.get("dtype")
+        if stored != dtype_name(self.dtype):
+            raise UserError(f"{where}: the store holds {stored} weights; resume with the same --dtype, not {dtype_name(self.dtype)}")
+        mine = self._rule_identity()
+        theirs = store.meta.get("rule")
+        if theirs is None:  # a store from before the rule was recorded: judge by the state it holds
+            keys = {slot.name.split(STATE_SEP)[1] for rec in store.units.values() for slot in rec.tensors
+                    if STATE_SEP in slot.name}
+            keys -= {"master", "grad_accum"}
+            needed = {key for rec in store.units.values() for slot in rec.tensors if STATE_SEP not in slot.name
+                      for key in self.rule.state_spec(tuple(slot.shape))}
+            if store.step > 0 and keys != needed:
+                raise UserError(f"{where}: the store holds update-rule state {sorted(keys) or 'none'}, "
+                                f"rule {mine['name']} needs {sorted(needed) or 'none'}; resume with the rule it was trained with")
+        else:
+            if theirs.get("name") != mine["name"]:
+                raise UserError(f"{where}: the store was trained with rule {theirs.get('name')}, "
+                                f"not {mine['name']}; resume with --rule {theirs.get('name')}")
+            if theirs.get("settings") != mine["settings"]:
+                raise UserError(f"{where}: rule {mine['name']} was run with {theirs.get('settings')}, "
+                                f"now {mine['settings']}; its stored state only means something under the same settings")
+        stored_master = store.meta.get("master_weights")
+        if stored_master is not None and bool(stored_master) != self.master_weights:
+            raise UserError(f"{where}: the store was trained {'with' if stored_master else 'without'} fp32 master "
+                            f"weights; resume with the same --master-weights setting")
 
     def _state_entries(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """The state tensors a weight needs under this configuration: (key, dtype, shape)."""
@@ -369,8 +456,12 @@ class Runtime(SegmentHooks):
                 if info.held is not None:
                     grad, info.held = info.held, None
                     self._apply(param, info, grad.mul_(coef))
-        if unit.dirty and unit.state is UnitState.RESIDENT:
-            self.scheduler.write_back(unit.name, generation=self._generation)
+        if unit.dirty:
+            unit.settled = True  # its updates of this step are complete: it may now be written and evicted
+            # Write now, overlapping the rest of backward, if this step commits or the unit will be
+            # evicted before its next use anyway; otherwise it stays in memory, unwritten, until then.
+            if unit.state is UnitState.RESIDENT and (self._commit_due or self.scheduler.likely_evicted(unit.name)):
+                self.scheduler.write_back(unit.name)
 
     # ---- the fused update ----------------------------------------------------------------------
     def _on_grad(self, param: torch.Tensor) -> None:
@@ -403,6 +494,8 @@ class Runtime(SegmentHooks):
         if self._mode == "accumulate":
             info.state["grad_accum"].add_(grad)
             unit.updated = unit.dirty = True
+            unit.settled = False
+            self._touched = True
             return
         if self.grad_accumulation:
             accum = info.state["grad_accum"]
@@ -412,6 +505,8 @@ class Runtime(SegmentHooks):
                 grad = accum.add_(grad).clone()
                 accum.zero_()
                 unit.updated = unit.dirty = True
+                unit.settled = False
+                self._touched = True
         norm = grad.norm(2.0) if self.rule.clip_grad_norm else None
         if self._mode == "norm":
             self._norms.append(norm)
@@ -440,27 +535,47 @@ class Runtime(SegmentHooks):
                 self.rule.apply(work, grad, info.state, ctx)
                 if self.stochastic_rounding and weight.dtype == torch.bfloat16:
                     # Seeded by (run seed, step, parameter): reproducible whatever the streaming order.
-                    seed = hash((self.seed, self.step, info.index)) & ((1 << 63) - 1)
-                    rounded = stochastic_round_bf16_native(work, seed)  # one pass in C++, ~3x faster
-                    if rounded is None:
-                        rounded = stochastic_round_bf16(work, torch.Generator().manual_seed(seed))
-                    weight.copy_(rounded)
+                    # C++ kernel where built, else the same bits in PyTorch: identical with or without it.
+                    seed = rounding_seed(self.seed, self.step, info.index)
+                    weight.copy_(stochastic_round_bf16(work, seed))
                 else:
                     weight.copy_(work)
         info.unit.updated = info.unit.dirty = True
+        info.unit.settled = False
+        self._touched = True
 
     # ---- step ----------------------------------------------------------------------------------
+    @property
+    def committed_step(self) -> int:
+        """The step the working store holds durably (what a crash would resume from)."""
+        return self.store.step
+
+    def _commit_is_due(self, step: int) -> bool:
+        """Does completing `step` (the count after it) call for a commit?"""
+        if step - self.store.step >= self.commit_every:
+            return True
+        return self.commit_interval_s is not None and time.monotonic() - self._last_commit_time >= self.commit_interval_s
+
     def backward(self, loss: torch.Tensor, lr: float | None = None, commit_meta: dict | None = None,
                  accumulate: bool = False) -> StepResult:
-        """Backpropagate `loss`, updating every parameter inside backward, then commit the step.
+        """Backpropagate `loss`, updating every parameter inside backward; commit when due.
 
         `lr` overrides the rule's learning rate for this step (schedules);
-        `commit_meta` (JSON-able) is committed atomically with the weights, so a
-        trainer's data position always matches the committed step.
+        `commit_meta` (JSON-able) is committed atomically with the weights of
+        this step, so a trainer's data position always matches the committed
+        step (the latest one given is what the next commit writes).
         `accumulate=True` adds this micro-batch's gradients to per-parameter fp32
-        buffers (streamed with the units; `grad_accumulation=True`) and commits
+        buffers (streamed with the units; `grad_accumulation=True`) and applies
         nothing; the next call without it applies the sum. Scale each micro-batch
         loss by 1/k yourself for a mean.
+
+        A commit happens when `commit_every` steps (or `commit_interval_s`) have
+        passed since the last one. On a dropped step (`result.dropped`), the
+        weights are at `result.step`: when `result.rolled_back` > 0 the step's
+        non-finite gradient was found after some units had been updated, every
+        unit went back to the last commit, and the caller replays the batches of
+        steps `result.step` .. `result.step + result.rolled_back - 1` (their
+        outcomes are deterministic) before going on past the dropped batch.
         """
         if not self._in_step:
             raise RuntimeError("backward() needs a training forward (grad enabled) through rt.model first")
@@ -468,8 +583,13 @@ class Runtime(SegmentHooks):
             raise UserError("backward(accumulate=True) needs Runtime(grad_accumulation=True)")
         self._lr = self.rule.lr if lr is None else lr
         started = time.perf_counter()
+        if self.scaler is not None:
+            # A replayed step uses the scale its first run used; a step retried after an overflow, the lowered one.
+            start_state = self._scaler_at.setdefault(self.step, self.scaler.state())
+            self.scaler.scale, self.scaler.good_steps = start_state["scale"], int(start_state["good_steps"])
         if not bool(torch.isfinite(loss.detach()).all()):
             return self._drop("non-finite loss")
+        self._commit_due = not accumulate and self._commit_is_due(self.step + 1)
         scaled = loss * self.scaler.scale if self.scaler is not None else loss
         grad_norm = None
         try:
@@ -502,39 +622,81 @@ class Runtime(SegmentHooks):
         backward_s = time.perf_counter() - started
         if self._failed is not None:
             return self._drop(self._failed, backward_s)
-        started = time.perf_counter()
-        self.scheduler.drain()
         if accumulate:
+            self._accumulating = True
             self._end_pass()
-            return StepResult(step=self.step, dropped=False, accumulated=True, backward_s=backward_s)
+            return StepResult(step=self.step, dropped=False, accumulated=True, committed_step=self.store.step,
+                              backward_s=backward_s)
+        self._accumulating = False
         if self.rule.clip_grad_norm and self.rule.clip_mode == "previous" and self._norms:
             self._last_norm = float(torch.norm(torch.stack(self._norms), 2.0))
         if self.scaler is not None:
             self.scaler.succeeded()
-        meta = {**self.store.meta, **(commit_meta or {})}
+        self.step += 1
+        self._commit_meta = dict(commit_meta or {})
+        commit_s = 0.0
+        committed = self._commit_due
+        # Every update of the step is in; a unit a skipped segment never finished is complete now too.
+        for unit in self.scheduler.units.values():
+            unit.settled = True
+        try:
+            if committed:
+                commit_s = self._commit()
+        except BaseException:
+            self._abandon_step()
+            raise
+        self._end_pass()
+        self.scheduler.prefetch()  # the next step's first units, now that this step's pins are gone
+        return StepResult(step=self.step, dropped=False, committed=committed, committed_step=self.store.step,
+                          grad_norm=grad_norm, loss_scale=None if self.scaler is None else self.scaler.scale,
+                          backward_s=backward_s, commit_s=commit_s)
+
+    def _commit(self) -> float:
+        """Write what is not in the store yet and commit `self.step` atomically; return the seconds taken."""
+        started = time.perf_counter()
+        self.scheduler.flush()
+        meta = {**self.store.meta, **self._commit_meta, "rule": self._rule_identity(),
+                "master_weights": self.master_weights}
         if self.scaler is not None:
             meta["loss_scaler"] = self.scaler.state()
         if self._last_norm is not None:
             meta["last_grad_norm"] = self._last_norm
-        self.store.commit(self.step + 1, self.scheduler.written_records(), meta)
+        self.store.commit(self.step, self.scheduler.written_records(), meta)
         self.scheduler.committed()
-        self.step += 1
         self._generation += 1
-        self._end_pass()
-        return StepResult(step=self.step, dropped=False, grad_norm=grad_norm,
-                          loss_scale=None if self.scaler is None else self.scaler.scale,
-                          backward_s=backward_s, commit_s=time.perf_counter() - started)
+        self.scheduler.generation = self._generation
+        self._last_commit_time = time.monotonic()
+        self._scaler_at = {k: v for k, v in self._scaler_at.items() if k >= self.step}
+        return time.perf_counter() - started
+
+    def commit(self) -> int:
+        """Make every completed step durable now; return the committed step.
+
+        Call it between steps (not between the micro-batches of one). A no-op
+        when nothing changed since the last commit.
+        """
+        if self._in_step:
+            raise RuntimeError("commit() between steps only: the current forward's backward() has not run")
+        if self._accumulating:
+            raise RuntimeError("commit() between steps only: micro-batches of the current step are accumulated")
+        if self.step != self.store.step or any(u.updated for u in self.scheduler.units.values()):
+            self._commit()
+        return self.store.step
 
     def _drop(self, reason: str, backward_s: float = 0.0) -> StepResult:
-        self._abandon_step()
+        undone = self._abandon_step()
         if self.scaler is not None:
             self.scaler.overflowed()
+            self._scaler_at[self.step + undone] = self.scaler.state()  # the retried step starts lower
         return StepResult(step=self.step, dropped=True, reason=reason, backward_s=backward_s,
+                          committed_step=self.store.step, rolled_back=undone,
                           loss_scale=None if self.scaler is None else self.scaler.scale)
 
     def _end_pass(self) -> None:
         self._in_step = False
         self._failed = None
+        self._touched = False
+        self._commit_due = False
         self._mode = "update"
         self._clip_coef = 1.0
         self._norms = []
@@ -547,15 +709,30 @@ class Runtime(SegmentHooks):
             info.held = None
             param.grad = None
 
-    def _abandon_step(self) -> None:
-        """Drop the current step (every micro-batch of it): no unit keeps any part of its update."""
-        self.scheduler.rollback()
-        self.store.discard_uncommitted()
+    def _abandon_step(self) -> int:
+        """Drop the current step (every micro-batch of it): no unit keeps any part of its update.
+
+        If nothing was updated yet (a non-finite loss, an error before backward) only this step
+        goes. Otherwise every unit returns to the last commit, and with it the completed steps
+        since: their count is returned, `self.step` is the committed step again.
+        """
+        undone = 0
+        if self._touched or self._accumulating:
+            self.scheduler.rollback()
+            self.store.discard_uncommitted()
+            undone = self.step - self.store.step
+            self.step = self.store.step
+            self._last_norm = self.store.meta.get("last_grad_norm")
+            self._accumulating = False
+            self._generation += 1  # the discarded generation's files are gone; never reuse its number
+            self.scheduler.generation = self._generation
         self._end_pass()
+        return undone
 
     # ---- outputs -------------------------------------------------------------------------------
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) of the committed weights, without rule state."""
+        """(name, tensor) of the weights after the last completed step, without rule state (commits first)."""
+        self.commit()
         return ((name, t) for name, t in self.store.iter_tensors() if STATE_SEP not in name)
 
     def export(self, out_dir: str | os.PathLike) -> Path:
@@ -563,6 +740,7 @@ class Runtime(SegmentHooks):
         from .checkpoint.export import export_hf
 
         out = Path(out_dir)
+        self.commit()  # export what was trained, all of it
         # Export reads unit by unit and holds about one shard: free the resident units first and keep
         # shards within half the weights budget (but never below the largest tensor), so exporting
         # stays inside the memory the run was given.
@@ -599,32 +777,33 @@ class Runtime(SegmentHooks):
             "other_bytes": max(0, peak - staging - self.framework_bytes),
         }
 
-    def close(self) -> None:
+    def close(self, commit: bool = True) -> None:
+        """Commit the completed steps (unless `commit=False`), stop the I/O threads, unlock the store.
+
+        A forward without its backward, or micro-batches of an unfinished step, are dropped first;
+        they never changed a weight.
+        """
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
         try:
-            if self._in_step:
+            if self._in_step or self._accumulating:
                 self._abandon_step()
-            self.scheduler.close()
+            if commit and self.store._lock_fd is not None:
+                self.commit()
         finally:
-            self.store.close()
+            try:
+                self.scheduler.close()
+            finally:
+                self.store.close()
 
     def __enter__(self) -> "Runtime":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        # After an error inside the runtime it has rolled back to a consistent step already; after
+        # one in the caller's code the completed steps are consistent too. A failing I/O device is
+        # the exception: then committing would only raise again, so do not try.
+        from .errors import StoreError
 
-
-def stochastic_round_bf16(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Round fp32 `values` to bf16 stochastically: up with probability equal to the dropped fraction.
-
-    bf16 is the top 16 bits of fp32. Adding a uniform 16-bit integer to the fp32
-    bit pattern and truncating the low half rounds the magnitude up with
-    probability (low bits / 2^16), which makes E[round(x)] = x (unbiased).
-    """
-    bits = values.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, values.shape, generator=generator, dtype=torch.int32)
-    rounded = (bits + noise).bitwise_and_(-65536).view(torch.float32)  # -65536 == 0xFFFF0000
-    return rounded.to(torch.bfloat16)
+        self.close(commit=exc_type is None or not issubclass(exc_type, (StoreError, OSError)))

@@ -18,6 +18,16 @@ Only the thread that calls the scheduler mutates unit records; I/O threads run
 Budget invariant: the bytes of units that are LOADING, RESIDENT or WRITING
 never exceed `weights_budget` (when one is set). A single access that needs
 more than the budget raises `DoesNotFit`.
+
+Write-back between commits (the runtime commits every N steps): an updated
+unit that will stay resident until its next use is not written at all until
+the commit (`flush`); one that Belady will evict before then is written as
+soon as its update is complete (`likely_evicted`), so the write overlaps the
+rest of backward. A unit still dirty when room is needed is written first and
+then evicted (the compute thread waits for that write). Every write of one
+commit interval goes to the same uncommitted generation (one file per unit,
+rewritten if the unit is evicted twice): the committed file is never touched,
+and the store holds at most two files per unit.
 """
 from __future__ import annotations
 
@@ -59,6 +69,7 @@ class Unit:
     pending_grads: int = 0                         # gradients accumulated but not yet applied
     updated: bool = False                          # weights or state changed since the last commit
     dirty: bool = False                            # changed since its last write-back began
+    settled: bool = True                           # every update of this step is applied (a dirty unit may be written)
     future: Future | None = None                   # the in-flight read or write
     written: object | None = None                  # store record of the newest uncommitted write
 
@@ -69,7 +80,9 @@ class SchedulerStats:
     read_bytes: int = 0
     writes: int = 0
     write_bytes: int = 0
-    waits_s: float = 0.0                           # time the compute thread waited on I/O
+    waits_s: float = 0.0                           # time the compute thread waited on I/O (reads + writes)
+    read_waits_s: float = 0.0                      # ... on a read it needed (the prefetch was late)
+    write_waits_s: float = 0.0                     # ... on a write (to evict or update a unit being written)
     peak_resident_bytes: int = 0
 
 
@@ -99,6 +112,9 @@ class Scheduler:
         self._positions: dict[str, list[int]] = {}
         self._cursor = -1
         self._lock = threading.Lock()  # guards stats touched by I/O threads
+        self._inflight: set[str] = set()  # units with a read or write future (poll scans only these)
+        self._count_waits = True
+        self.generation = 1  # the uncommitted generation this commit interval writes (the runtime sets it)
 
     # ---- the access sequence -------------------------------------------------------------
     def begin_pass(self, sequence: Sequence[str]) -> None:
@@ -164,19 +180,28 @@ class Scheduler:
         unit.state = UnitState.LOADING
         record = unit.written  # a newer uncommitted generation wins over the committed one
         unit.future = self._reads.submit(self._read, unit.name, unit.buffer, record)
+        self._inflight.add(unit.name)
+        # Counted when issued, not when done, so a step's figures do not depend on thread timing.
+        self.stats.reads += 1
+        self.stats.read_bytes += unit.nbytes
         self._note_resident()
         return True
 
     def _read(self, name: str, buffer: torch.Tensor, record) -> None:
         self.store.read_unit(name, buffer, record) if record is not None else self.store.read_unit(name, buffer)
-        with self._lock:
-            self.stats.reads += 1
-            self.stats.read_bytes += self.units[name].nbytes
 
     def _finish_load(self, unit: Unit) -> None:
         assert unit.future is not None
-        unit.future.result()  # re-raises a read or checksum error in the compute thread
-        unit.future = None
+        try:
+            unit.future.result()  # re-raises a read or checksum error in the compute thread
+        except BaseException:
+            self.pool.release(unit.buffer)  # the buffer holds nothing usable
+            unit.buffer = None
+            unit.state = UnitState.ON_DISK
+            raise
+        finally:
+            unit.future = None
+            self._inflight.discard(unit.name)
         unit.state = UnitState.RESIDENT
 
     def _bind(self, unit: Unit) -> None:
@@ -199,10 +224,13 @@ class Scheduler:
         self._reap()
         started = 0
         seen: set[str] = set()
-        for pos in range(self._cursor + 1, len(self._sequence)):
+        n = len(self._sequence)
+        # Past the end of the pass the next one repeats it (the next step's forward, the next eval
+        # batch): its first units are read while this pass's last ones still compute.
+        for pos in range(self._cursor + 1, self._cursor + 1 + n):
             if started >= self.prefetch_depth:
                 break
-            name = self._sequence[pos]
+            name = self._sequence[pos % n]
             if name in seen:
                 continue
             seen.add(name)
@@ -224,13 +252,30 @@ class Scheduler:
     def _note_resident(self) -> None:
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self._resident_bytes())
 
-    def _evictable(self, unit: Unit) -> bool:
+    def _evictable(self, unit: Unit, allow_dirty: bool = False) -> bool:
+        """May `unit` leave memory now? A dirty one only if its updates are complete and the caller
+        accepts waiting for its write (`allow_dirty`: a load that is needed now)."""
         return (
             unit.state in (UnitState.RESIDENT, UnitState.WRITING)
             and unit.pins == 0
             and unit.pending_grads == 0
-            and not unit.dirty
+            and (not unit.dirty or (allow_dirty and unit.settled))
         )
+
+    def likely_evicted(self, name: str) -> bool:
+        """Will Belady evict `name` before its next use? True when the units needed before then,
+        with it, do not fit the budget. The runtime writes such a unit as soon as its update is
+        complete, so the write overlaps compute instead of stalling the load that evicts it."""
+        if self.weights_budget is None:
+            return False
+        unit = self.units[name]
+        horizon = self._next_use(name)
+        n = len(self._sequence)
+        needed: set[str] = set()
+        for pos in range(self._cursor + 1, min(horizon, self._cursor + 1 + n)):
+            needed.add(self._sequence[pos % n])
+        needed.discard(name)
+        return unit.nbytes + sum(self.units[u].nbytes for u in needed) > self.weights_budget
 
     def _make_room(self, nbytes: int, before: int, required: bool) -> bool:
         """Free budget for `nbytes`; evict only units next used after position `before`.
@@ -242,7 +287,7 @@ class Scheduler:
         if self.weights_budget is None:
             return True
         while self._resident_bytes() + nbytes > self.weights_budget:
-            candidates = [u for u in self.units.values() if self._evictable(u)]
+            candidates = [u for u in self.units.values() if self._evictable(u, allow_dirty=required)]
             if not required:
                 candidates = [u for u in candidates if self._next_use(u.name) > before]
                 candidates = [u for u in candidates if u.state is UnitState.RESIDENT]  # never block a prefetch
@@ -268,6 +313,8 @@ class Scheduler:
         return True
 
     def _evict(self, unit: Unit) -> None:
+        if unit.dirty and unit.state is UnitState.RESIDENT:
+            self.write_back(unit.name)  # its updates must reach the store before the bytes go
         if unit.state is UnitState.WRITING:
             self._wait(unit)
             self._finish_write(unit)
@@ -278,13 +325,30 @@ class Scheduler:
         unit.state = UnitState.ON_DISK
 
     # ---- write-back, commit, rollback ------------------------------------------------------
-    def write_back(self, name: str, generation: int) -> None:
-        """Start writing an updated unit as a new (uncommitted) generation."""
+    def write_back(self, name: str) -> None:
+        """Start writing an updated unit as this interval's uncommitted generation (`self.generation`)."""
         unit = self.units[name]
         assert unit.state is UnitState.RESIDENT and unit.buffer is not None
         unit.dirty = False
         unit.state = UnitState.WRITING
-        unit.future = self._writes.submit(self._write, name, unit.buffer, generation)
+        unit.future = self._writes.submit(self._write, name, unit.buffer, self.generation)
+        self._inflight.add(name)
+
+    def flush(self) -> None:
+        """Write every unit whose updates are not in the store yet, and wait for all writes (before a commit).
+
+        Its waits are the commit's time, not counted in `stats.*waits_s` (the compute's waits)."""
+        self._count_waits = False
+        try:
+            for unit in self.units.values():
+                if unit.dirty:
+                    if not unit.settled or unit.state is UnitState.ON_DISK:
+                        raise RuntimeError(f"internal error: unit {unit.name} has updates in memory that cannot be committed")
+                    self.ensure_writable([unit.name])
+                    self.write_back(unit.name)
+            self.drain()
+        finally:
+            self._count_waits = True
 
     def _write(self, name: str, buffer: torch.Tensor, generation: int):
         record = self.store.write_unit(name, buffer, generation)
@@ -295,15 +359,21 @@ class Scheduler:
 
     def _finish_write(self, unit: Unit) -> None:
         assert unit.future is not None
-        unit.written = unit.future.result()
-        unit.future = None
-        unit.state = UnitState.RESIDENT
+        try:
+            unit.written = unit.future.result()
+        except BaseException:
+            unit.dirty = True  # the write failed; the bytes in memory are intact and still unwritten
+            raise
+        finally:
+            unit.future = None
+            self._inflight.discard(unit.name)
+            unit.state = UnitState.RESIDENT
 
     def poll(self) -> None:
         """Called often during compute (the runtime calls it from every gradient hook): when a read or
         write has finished, prefetch again. A unit still being written cannot be evicted, so a
         prefetch that was blocked by one can start as soon as its write lands, not at the next acquire."""
-        if any(u.future is not None and u.future.done() for u in self.units.values()):
+        if self._inflight and any(self.units[n].future.done() for n in self._inflight):
             self.prefetch()
 
     def ensure_writable(self, names: Sequence[str]) -> None:
@@ -315,7 +385,8 @@ class Scheduler:
                 self._finish_write(unit)
 
     def _reap(self) -> None:
-        for unit in self.units.values():
+        for name in list(self._inflight):
+            unit = self.units[name]
             if unit.future is not None and unit.future.done():
                 if unit.state is UnitState.WRITING:
                     self._finish_write(unit)
@@ -329,14 +400,22 @@ class Scheduler:
             unit.future.result()
         except BaseException:
             pass  # raised again by _finish_load/_finish_write
-        self.stats.waits_s += time.perf_counter() - start
+        waited = time.perf_counter() - start
+        if not self._count_waits:
+            return
+        self.stats.waits_s += waited
+        if unit.state is UnitState.WRITING:
+            self.stats.write_waits_s += waited
+        else:
+            self.stats.read_waits_s += waited
 
     def drain(self, raise_errors: bool = True) -> None:
         """Wait for every read and write in flight.
 
         With `raise_errors=False` (rollback, close) a failed read or write is
         only forgotten: it has been reported already, or its step is being
-        dropped anyway, and the runtime must stay usable afterwards.
+        dropped anyway, and the runtime must stay usable afterwards. (A failed
+        read leaves its unit on disk, a failed write leaves it resident and dirty.)
         """
         for unit in self.units.values():
             if unit.future is None:
@@ -350,13 +429,6 @@ class Scheduler:
             except Exception:
                 if raise_errors:
                     raise
-                unit.future = None
-                if unit.state is UnitState.LOADING:  # the buffer holds nothing usable
-                    self.pool.release(unit.buffer)
-                    unit.buffer = None
-                    unit.state = UnitState.ON_DISK
-                else:
-                    unit.state = UnitState.RESIDENT  # the write failed; the bytes in memory are intact
 
     def evict_all(self) -> None:
         """Write nothing, drop every clean, unpinned unit from memory (before export or at rest)."""
@@ -375,18 +447,21 @@ class Scheduler:
             unit.written = None
             unit.updated = False
             unit.dirty = False
+            unit.settled = True
 
     def rollback(self) -> None:
         """Forget every update since the last commit: changed units are dropped and re-read."""
         self.drain(raise_errors=False)
         for unit in self.units.values():
             if unit.updated or unit.written is not None:
+                unit.dirty = False  # dropped, not written
                 if unit.state is not UnitState.ON_DISK:
                     unit.pins = 0
                     self._evict(unit)
                 unit.updated = False
                 unit.dirty = False
                 unit.written = None
+            unit.settled = True
             unit.pending_grads = 0
 
     def close(self) -> None:

@@ -1,11 +1,20 @@
 """The training loop, top to bottom: data, runtime, steps, eval, metrics, export.
 
-Durability: the runtime commits every step together with the data stream's
-position (`trainer` in the store's meta), so `--resume` continues from the last
-committed step with exactly the batches an uninterrupted run would have seen.
-Dropout draws from a generator seeded by (seed, step), so a replayed step draws
-the same masks. metrics.jsonl lines past the committed step are dropped on
-resume: they describe work that did not survive.
+Durability: the runtime commits every `--commit-every` steps together with the
+data stream's position (`trainer` in the store's meta), so `--resume` continues
+from the last committed step with exactly the batches an uninterrupted run would
+have seen. Everything random or scheduled is a function of the step: dropout
+draws from a generator seeded by (seed, step), the learning rate comes from the
+schedule at the step, stochastic rounding is seeded by (seed, step, parameter).
+So a replayed step repeats itself bit for bit. metrics.jsonl lines past the
+committed step are dropped on resume: they describe work that did not survive.
+
+A dropped step (non-finite loss or gradient) never keeps any part of its update.
+When its gradient was found non-finite after some units were updated, the
+runtime rolls every unit back to the last commit; the loop then replays the
+steps since that commit from their recorded data positions (without logging
+them twice) and retries the dropped step with the batch after the dropped one,
+exactly as a run committing every step does.
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, parse_duration
 from .data import Batches, load_examples, load_tokenizer, pack, pad_id_of, split_holdout, tokenize_examples, tokens_in
 from .errors import LomoError, UserError
 from .evaluation import ChoiceExample, ChoiceResult, load_choice_examples, score_choices
@@ -116,7 +125,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         dtype=cfg.torch_dtype, prefetch_depth=cfg.prefetch_depth, io_threads=cfg.io_threads, resume=cfg.resume,
         seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, master_weights=cfg.master_weights,
         stochastic_rounding=cfg.stochastic_rounding, grad_accumulation=cfg.grad_accum_steps > 1,
-        checkpoint=checkpoint, heap_keep=cfg.heap_keep or 0,
+        checkpoint=checkpoint, heap_keep=cfg.heap_keep or 0, commit_every=cfg.commit_every,
+        commit_interval_s=parse_duration(cfg.commit_interval, "--commit-interval") if cfg.commit_interval else None,
     )
     with rt:
         # Written only now, under the store's lock: a refused second run must not touch this run's files.
@@ -133,43 +143,77 @@ def train(cfg: TrainConfig) -> TrainResult:
         dropped_in_a_row = 0
         evaluated_at, scored = None, None  # step of the last periodic eval, and its multiple-choice result
         dropped_total = int((state or {}).get("dropped_total", 0))  # survives --resume
+        positions: dict[int, dict] = {}  # data position at the start of each step since the last commit
+        retry_from: dict[int, dict] = {}  # a step retried after a drop starts past the dropped batch
+        replayed_to: set[int] = set()  # dropped steps whose retry follows a replay (commit before it)
+        logged_upto = rt.step  # training steps already in metrics.jsonl: a replay does not log them again
+        stats = rt.scheduler.stats
         try:
             while rt.step < cfg.steps:
                 step = rt.step  # 0-based index of the step being run
+                if step in retry_from:
+                    if step in replayed_to:
+                        replayed_to.discard(step)
+                        rt.commit()  # replayed up to the dropped step: a second drop there rolls back no further
+                    train_batches.load_state_dict(retry_from[step])
+                positions[step] = train_batches.state_dict()
+                replay = step < logged_upto
                 lr = schedule.lr_at(step)
                 torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on (seed, step) only
-                read0, write0, wait0 = rt.scheduler.stats.read_bytes, rt.scheduler.stats.write_bytes, rt.scheduler.stats.waits_s
+                read0, write0 = stats.read_bytes, stats.write_bytes
                 rt.reset_peaks()
                 started = time.perf_counter()
                 k = cfg.grad_accum_steps
                 last_loss, tokens, loss_tokens = 0.0, 0, 0
+                phases = dict.fromkeys(("forward_s", "backward_s", "read_wait_s", "write_wait_s", "commit_s"), 0.0)
                 for micro in range(k):
                     ids, labels = next(train_batches)
+                    with _phase(phases, "forward_s", stats):
+                        loss = rt.model(input_ids=ids, labels=labels).loss / k
                     # Each micro-batch's mean loss is scaled by 1/k, so the applied gradient is the mean over all.
-                    loss = rt.model(input_ids=ids, labels=labels).loss / k
                     last_loss += float(loss.item())
                     tokens += ids.numel()  # positions run through forward and backward (the compute)
                     loss_tokens += tokens_in((ids, labels))  # positions the loss covers (prompt tokens excluded)
                     final = micro == k - 1
                     # What a crash between commit and the metrics line must not lose travels with the commit.
                     summary = {"step": step + 1, "loss": last_loss, "tokens": tokens, "loss_tokens": loss_tokens, "lr": lr}
-                    result = rt.backward(loss, lr=lr, accumulate=not final, commit_meta={
-                        "trainer": {"batches": train_batches.state_dict(), "last_metrics": summary,
-                                    "dropped_total": dropped_total}} if final else None)
+                    with _phase(phases, "backward_s", stats):
+                        result = rt.backward(loss, lr=lr, accumulate=not final, commit_meta={
+                            "trainer": {"batches": train_batches.state_dict(), "last_metrics": summary,
+                                        "dropped_total": dropped_total}} if final else None)
+                    phases["backward_s"] -= result.commit_s
+                    phases["commit_s"] += result.commit_s
                     if result.dropped:
                         break
                 elapsed = time.perf_counter() - started
+                if result.dropped:
+                    retry_from[step] = train_batches.state_dict()  # the retry takes the batch after the dropped one
+                    if result.rolled_back:
+                        # Units went back to the last commit: replay from there, with the batches those steps had.
+                        train_batches.load_state_dict(positions[result.step])
+                        replayed_to.add(step)
+                        progress.write(f"step {step + 1} dropped ({result.reason}); replaying steps "
+                                       f"{result.step + 1}-{step} from the last commit")
+                if result.committed:
+                    positions = {s: p for s, p in positions.items() if s >= rt.step}
+                    retry_from = {s: p for s, p in retry_from.items() if s >= rt.step}
+                if replay and not result.dropped:
+                    continue  # logged, evaluated and exported when it first ran; this run is identical
                 record = {
                     **summary,
                     "step": rt.step if not result.dropped else step,
                     "step_time_s": elapsed,
                     "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
                     **rt.memory_report(),  # measured peaks per category (plan.json predicts the same ones)
-                    "io_read_bytes": rt.scheduler.stats.read_bytes - read0,
-                    "io_write_bytes": rt.scheduler.stats.write_bytes - write0,
-                    "io_wait_s": rt.scheduler.stats.waits_s - wait0,
+                    "io_read_bytes": stats.read_bytes - read0,
+                    "io_write_bytes": stats.write_bytes - write0,
+                    "io_wait_s": phases["read_wait_s"] + phases["write_wait_s"],
+                    **phases,  # disjoint: forward and backward exclude their I/O waits, backward its commit
+                    "committed": result.committed,
                     "dropped": result.dropped,
                 }
+                if not result.dropped:
+                    logged_upto = rt.step
                 dropped_in_a_row = dropped_in_a_row + 1 if result.dropped else 0
                 dropped_total += result.dropped
                 record["dropped_total"] = dropped_total
@@ -181,6 +225,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                     # The data position was not committed: a resumed run replays this batch and,
                     # being deterministic, drops it again, so both runs stay identical.
                     record["dropped_reason"] = result.reason
+                    if result.rolled_back:
+                        record["rolled_back_steps"] = result.rolled_back
                 if cfg.eval_every and rt.step % cfg.eval_every == 0 and not result.dropped:
                     eval_loss = evaluate(rt, eval_batches, cfg.eval_batches)
                     record["eval_loss"] = eval_loss
@@ -193,11 +239,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if dropped_in_a_row >= cfg.max_dropped_steps:
                     raise TrainingStopped(
                         f"{dropped_in_a_row} consecutive steps were dropped ({result.reason}); stopping. "
-                        f"The working store holds the last good step, {rt.step}; lower --lr or check the data, "
-                        "then continue with --resume"
+                        f"The working store holds the last good step, {rt.committed_step}; lower --lr or check the "
+                        "data, then continue with --resume"
                     )
                 if cfg.export_every and rt.step % cfg.export_every == 0 and not result.dropped:
-                    _export(rt, out / f"checkpoint-{rt.step}")
+                    _export(rt, out / f"checkpoint-{rt.step}")  # commits first
+            rt.commit()
             if evaluated_at != rt.step:  # the last step's periodic eval already scored these weights
                 eval_loss = evaluate(rt, eval_batches, cfg.eval_batches)
                 scored = _score(rt, tokenizer, choices, cfg) if choices else None
@@ -212,6 +259,21 @@ def train(cfg: TrainConfig) -> TrainResult:
             metrics.close()
         model_dir = _export(rt, out / "model")
     return TrainResult(steps=cfg.steps, final_loss=last_loss, eval_loss=eval_loss, model_dir=model_dir)
+
+
+@contextlib.contextmanager
+def _phase(phases: dict[str, float], name: str, stats: Any) -> Iterator[None]:
+    """Add the wall time of the block to `phases[name]`, less the I/O waits inside it, which go to
+    `read_wait_s` and `write_wait_s`: the phases of a step are disjoint and sum to about its time."""
+    reads, writes = stats.read_waits_s, stats.write_waits_s
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        read_wait, write_wait = stats.read_waits_s - reads, stats.write_waits_s - writes
+        phases[name] += time.perf_counter() - started - read_wait - write_wait
+        phases["read_wait_s"] += read_wait
+        phases["write_wait_s"] += write_wait
 
 
 def _score(rt: Runtime, tokenizer: Any, choices: list[ChoiceExample], cfg: TrainConfig) -> ChoiceResult:

@@ -5,7 +5,8 @@
 // * sr_bf16: fp32 -> bf16 with stochastic rounding in one pass. The random
 //   bits come from a counter-based hash (SplitMix64 of seed ^ index), so the
 //   result depends only on (seed, element index): reproducible and identical
-//   for any thread count.
+//   for any thread count. lomo_runtime/native.py's stochastic_round_bf16_torch
+//   draws the same bits: change the two together.
 // * adamw_: torch.optim.AdamW's update (decoupled decay, bias-corrected
 //   moments) in one pass over param, grad and the two moments, instead of the
 //   ~8 full-tensor passes the op-by-op version makes.
@@ -28,8 +29,13 @@ inline uint16_t round_bf16(float value, uint32_t noise16) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
   // Adding a uniform 16-bit integer and truncating rounds the magnitude up with
-  // probability (low 16 bits) / 2^16: unbiased. NaN stays NaN (its exponent is all ones).
-  if ((bits & 0x7F800000u) == 0x7F800000u) return static_cast<uint16_t>(bits >> 16);
+  // probability (low 16 bits) / 2^16: unbiased. Inf and NaN (exponent all ones) get no noise, so
+  // inf stays inf; a NaN also gets the quiet bit, or one whose payload lies only in the low 16 bits
+  // would truncate to inf.
+  if ((bits & 0x7F800000u) == 0x7F800000u) {
+    const uint16_t high = static_cast<uint16_t>(bits >> 16);
+    return (bits & 0x007FFFFFu) ? static_cast<uint16_t>(high | 0x0040u) : high;
+  }
   bits += noise16;
   return static_cast<uint16_t>(bits >> 16);
 }
@@ -40,6 +46,7 @@ void sr_bf16(torch::Tensor out, torch::Tensor in, int64_t seed) {
   TORCH_CHECK(in.scalar_type() == torch::kFloat32 && in.is_contiguous(), "sr_bf16: input must be contiguous fp32");
   TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous(), "sr_bf16: output must be contiguous bf16");
   TORCH_CHECK(in.numel() == out.numel(), "sr_bf16: size mismatch");
+  TORCH_CHECK(in.device().is_cpu() && out.device().is_cpu(), "sr_bf16: CPU tensors only");
   const float* src = in.data_ptr<float>();
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const uint64_t base = static_cast<uint64_t>(seed);

@@ -10,7 +10,8 @@
   lock and dies by SIGKILL exactly as a `lomo-run train` would (the crash test's
   reference run is a real `python -m`-style subprocess, so forking is checked against it).
 - ``store_report``: reads a store's manifest and checks every named unit file's size and
-  CRC-32 without opening the store (opening would clean up leftovers and take the lock).
+  checksum (the algorithm its record names: CRC-32C, or zlib CRC-32 for version 1-2
+  records) without opening the store (opening would clean up leftovers and take the lock).
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import crc32c
 import torch
 from safetensors.torch import load_file
 
@@ -47,10 +49,11 @@ def make_job(root: Path, examples: int = 200) -> dict[str, Path]:
 
 def train_argv(job: dict[str, Path], out: Path, *extra: str) -> list[str]:
     """`train` arguments: a 70 KB weights budget holds two of the four units, so every step
-    reads, evicts, writes back and commits (the paths the faults target)."""
+    reads, evicts, writes back and (with `--commit-every 1`) commits: the paths the faults target."""
     return [
         "train", "--model", str(job["model"]), "--data", str(job["data"]), "--out", str(out),
         "--seq-len", "32", "--batch-size", "2", "--lr", "0.05", "--weights-budget", "70KB", "--seed", "3",
+        "--commit-every", "1",  # the fault points are counted per commit; a later --commit-every wins
         *extra,
     ]
 
@@ -101,16 +104,25 @@ def error_lines(stderr: str) -> list[str]:
 # ---------------------------------------------------------------- store inspection
 
 
+# Written out here rather than imported from lomo_runtime.store, so a store bug cannot hide itself.
+_UNIT_CHECKSUMS: dict[str, Callable[[bytes], int]] = {"crc32": zlib.crc32, "crc32c": crc32c.crc32c}
+
+
 def store_report(store_dir: Path) -> dict[str, Any]:
-    """The committed step, the files the manifest names (each checked: size and CRC-32), and the
-    other files lying in ``units/`` (uncommitted, partial or superseded generations)."""
+    """The committed step, the files the manifest names (each checked: size and checksum), and the
+    other files lying in ``units/`` (uncommitted, partial or superseded generations).
+
+    Each file is checked with the algorithm its record names (``checksum_alg``, manifest version 3);
+    records of version 1-2 manifests name none and are zlib CRC-32."""
     manifest = json.loads((store_dir / "manifest.json").read_text())
+    legacy = manifest["version"] < 3
     named = set()
     for unit in manifest["units"]:
         path = store_dir / unit["file"]
         data = path.read_bytes()
         assert len(data) == unit["nbytes"], f"{path}: {len(data)} bytes, manifest says {unit['nbytes']}"
-        assert zlib.crc32(data) == unit["checksum"], f"{path}: CRC-32 mismatch"
+        alg = unit.get("checksum_alg", "crc32") if legacy else unit["checksum_alg"]
+        assert _UNIT_CHECKSUMS[alg](data) == unit["checksum"], f"{path}: {alg} mismatch"
         named.add(path.name)
     present = set(os.listdir(store_dir / "units"))
     return {"step": manifest["step"], "named": named, "leftovers": sorted(present - named),

@@ -15,7 +15,7 @@ targets cover a step end to end:
     random      a uniform time after start: startup, store create/open, compute, anything
 
 After each kill the store is inspected without opening it (the manifest's files all
-have the right size and CRC-32; the committed step never goes back), then the next
+have the right size and checksum; the committed step never goes back), then the next
 run resumes (or starts afresh, when the kill came before the first commit). At the
 end the run completes and its model must equal an uninterrupted run's bit for bit,
 with every step logged exactly once in metrics.jsonl.
@@ -143,9 +143,13 @@ def _kill_at(zygote: Zygote, argv: list[str], env: dict[str, str], trace: Trace,
 
 
 @pytest.mark.slow
-def test_sigkill_at_every_phase_then_resume_is_bit_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("commit_every", [1, 3])
+def test_sigkill_at_every_phase_then_resume_is_bit_identical(tmp_path: Path, commit_every: int) -> None:
+    """With --commit-every 3 a kill also lands between commits, after units were evicted and
+    written to the uncommitted generation: resume replays up to two steps from the last commit."""
     job = make_job(tmp_path / "job")
     reference = tmp_path / "reference"
+    # The reference commits every step: how often a run commits must not change what it computes.
     proc = run_cli(train_argv(job, reference, "--steps", str(STEPS), "--threads", "1"))
     assert proc.returncode == 0, proc.stderr
     expected = weights(reference / "model")
@@ -163,7 +167,8 @@ def test_sigkill_at_every_phase_then_resume_is_bit_identical(tmp_path: Path) -> 
         for cycle, target in enumerate(plan):
             label, op, match = target
             resume = (store / "manifest.json").exists()
-            argv = train_argv(job, out, "--steps", str(STEPS), "--threads", "1", *(["--resume"] if resume else []))
+            argv = train_argv(job, out, "--steps", str(STEPS), "--threads", "1", "--commit-every", str(commit_every),
+                              *(["--resume"] if resume else []))
             trace_file = tmp_path / f"trace-{cycle}.txt"
             env = {"LOMO_RUN_FAULT_TRACE": str(trace_file)}
             if op is not None:
@@ -184,7 +189,8 @@ def test_sigkill_at_every_phase_then_resume_is_bit_identical(tmp_path: Path) -> 
                 committed = report["step"]
                 leftovers_seen += bool(report["leftovers"] or report["tmp_manifest"])
         # Finish the run, undisturbed.
-        argv = train_argv(job, out, "--steps", str(STEPS), "--threads", "1", "--resume")
+        argv = train_argv(job, out, "--steps", str(STEPS), "--threads", "1", "--commit-every", str(commit_every),
+                          "--resume")
         code, output = zygote.run(argv, {}, tmp_path / "final.log")
         assert code == 0, output
     finally:

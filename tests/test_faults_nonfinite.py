@@ -90,7 +90,7 @@ def clean(job: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dic
 def test_nan_loss_and_nan_gradient_drop_the_step_whole(job, clean, tmp_path: Path, monkeypatch, capsys) -> None:
     _inject(monkeypatch, nan_grad={3}, nan_loss={5})
     out = tmp_path / "out"
-    assert train_in_process(job, out, "--steps", str(STEPS)) == 0, capsys.readouterr().err
+    assert train_in_process(job, out, "--steps", str(STEPS), "--commit-every", "1") == 0, capsys.readouterr().err
     records = _records(out)
     assert [r["dropped"] for r in records] == [False, False, True, False, True, False, False, False]
     assert [r["dropped_total"] for r in records] == [0, 0, 1, 1, 2, 2, 2, 2]
@@ -105,7 +105,7 @@ def test_nan_loss_and_nan_gradient_drop_the_step_whole(job, clean, tmp_path: Pat
 def test_k_consecutive_drops_stop_the_run_at_the_last_good_step(job, clean, tmp_path: Path, monkeypatch, capsys) -> None:
     _inject(monkeypatch, nan_loss={3, 5, 7}, nan_grad={4, 6})  # five in a row from the third step on
     out = tmp_path / "out"
-    code = train_in_process(job, out, "--steps", str(STEPS), "--max-dropped-steps", "5")
+    code = train_in_process(job, out, "--steps", str(STEPS), "--max-dropped-steps", "5", "--commit-every", "1")
     err = capsys.readouterr().err
     assert code == 1
     assert "Traceback" not in err
@@ -136,3 +136,51 @@ def test_a_diverging_run_stops_without_any_injection(job, tmp_path: Path, capsys
     assert "3 consecutive steps were dropped (non-finite" in err
     assert store_report(out / "store")["step"] == 1
     assert [r["dropped"] for r in _records(out)] == [False, True, True, True]
+
+
+def _inject_at_steps(monkeypatch: pytest.MonkeyPatch, nan_grad_steps: set[int], nan_loss_steps: set[int] = frozenset()) -> None:
+    """A NaN the first time training step s (0-based) is attempted: a transient fault, so the
+    replay after a rollback and the retry of the step run clean (as a re-read batch would)."""
+    fired: set[tuple[str, int]] = set()
+    original_init, original_backward = Runtime.__init__, Runtime.backward
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+
+        def poison(module, inputs, output):
+            key = ("grad", self.step)
+            if torch.is_grad_enabled() and self.step in nan_grad_steps and key not in fired:
+                fired.add(key)
+                return _NanGrad.apply(output)
+            return output
+
+        self.model.get_input_embeddings().register_forward_hook(poison)
+
+    def backward(self, loss, *args, **kwargs):
+        key = ("loss", self.step)
+        if self.step in nan_loss_steps and key not in fired:
+            fired.add(key)
+            loss = loss * float("nan")
+        return original_backward(self, loss, *args, **kwargs)
+
+    monkeypatch.setattr(Runtime, "__init__", init)
+    monkeypatch.setattr(Runtime, "backward", backward)
+
+
+def test_commit_every_3_a_nan_gradient_rolls_back_and_replays(job, clean, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Commits at steps 3 and 6. A NaN gradient in step 5 (index 4) comes after the head and both
+    blocks were updated: all units go back to step 3, step 4 is replayed, step 5 retried with the
+    next batch. A NaN loss in step 2 (index 1) touches nothing, so nothing is rolled back."""
+    _inject_at_steps(monkeypatch, nan_grad_steps={4}, nan_loss_steps={1})
+    out = tmp_path / "out"
+    assert train_in_process(job, out, "--steps", str(STEPS), "--commit-every", "3") == 0, capsys.readouterr().err
+    records = _records(out)
+    assert [(r["step"], r["dropped"]) for r in records] == [
+        (1, False), (1, True), (2, False), (3, False), (4, False), (4, True), (5, False), (6, False)]
+    assert records[1].get("rolled_back_steps") is None  # the NaN loss was caught before any update
+    assert records[5]["rolled_back_steps"] == 1 and "non-finite gradient" in records[5]["dropped_reason"]
+    # Commits: step 3 (every 3), step 4 before the retry (a second drop there replays nothing), the end.
+    assert [r["committed"] for r in records if not r["dropped"]] == [False, False, True, False, False, False]
+    assert_same_weights(weights(out / "model"), clean, "commit every 3, with a rollback")
+    report = store_report(out / "store")
+    assert report["step"] == STEPS and not report["leftovers"]

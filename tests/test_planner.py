@@ -48,16 +48,18 @@ def test_unit_bytes_match_the_working_store(tmp_path, tied):
 
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("budget", [None, 49152, 65536, 69632, 120000])
-def test_replay_matches_the_scheduler(tmp_path, tied, budget):
+@pytest.mark.parametrize("commit_every", [1, 2, 10])
+def test_replay_matches_the_scheduler(tmp_path, tied, budget, commit_every):
     """Reads per step, peak resident bytes and the staging pool's footprint, exactly."""
     model = make_tiny_model(tmp_path, "llama", tied=tied)
     spec = ModelSpec.from_config(tiny_config("llama", tied=tied).to_dict())
-    sim = simulate(spec, budget, depth=2, steps=3)
+    sim = simulate(spec, budget, depth=2, steps=3, commit_every=commit_every)
     if not sim.feasible:  # the runtime refuses such a budget before the first step
         with pytest.raises(DoesNotFit):
             Runtime(model, rule=SGD(lr=1e-3), work_dir=tmp_path / "w", weights_budget=budget)
         return
-    with Runtime(model, rule=SGD(lr=1e-3), work_dir=tmp_path / "w", weights_budget=budget) as rt:
+    with Runtime(model, rule=SGD(lr=1e-3), work_dir=tmp_path / "w", weights_budget=budget,
+                 commit_every=commit_every) as rt:
         assert _run_steps(rt) == sim.reads_per_step
         assert rt.scheduler.stats.peak_resident_bytes == sim.peak_resident_bytes
         assert rt.pool.peak_bytes == sim.pool_bytes

@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import make_tiny_model
+from lomo_runtime.checkpoint import Checkpoint, export_hf
 from lomo_runtime.errors import UserError
-from lomo_runtime.progress import MetricsWriter, Progress, read_metrics
+from lomo_runtime.progress import MetricsWriter, Progress, WorkProgress, read_metrics
+from lomo_runtime.sizes import format_size
+from lomo_runtime.store import WorkingStore
 
 
 class FakeClock:
@@ -78,6 +82,97 @@ def test_tty_redraws_in_place_and_close_ends_line() -> None:
 
 def test_not_a_tty_detected_from_stream() -> None:
     assert Progress(10, stream=io.StringIO()).is_tty is False
+
+
+# --------------------------------------------------------------------------- long work (store creation, export)
+
+MiB = 1024**2
+
+
+def test_work_progress_prints_at_most_every_interval_then_a_summary() -> None:
+    stream, clock = io.StringIO(), FakeClock()
+    progress = WorkProgress("creating working store", 1200 * MiB, stream=stream, min_interval_s=2.0,
+                            is_tty=False, clock=clock)
+    for unit in range(10):  # one 120 MiB unit every 0.5 s: 240 MiB/s
+        clock.now += 0.5
+        progress.update((unit + 1) * 120 * MiB, f"block.{unit}")
+    progress.close()
+    progress.close()  # idempotent
+    assert stream.getvalue().splitlines() == [
+        "creating working store: 480 MiB / 1.17 GiB (40%), 240 MiB/s, ETA 3s (block.3)",
+        "creating working store: 960 MiB / 1.17 GiB (80%), 240 MiB/s, ETA 1s (block.7)",
+        "creating working store: 1.17 GiB in 5s (240 MiB/s)",
+    ]
+
+
+def test_work_progress_without_total_shows_bytes_and_rate() -> None:
+    stream, clock = io.StringIO(), FakeClock()
+    progress = WorkProgress("exporting", stream=stream, min_interval_s=1.0, is_tty=False, clock=clock)
+    clock.now += 4.0
+    progress.update(3 * 1024**3)
+    assert stream.getvalue() == "exporting: 3 GiB, 768 MiB/s\n"
+
+
+def test_work_progress_total_given_late_and_clamped() -> None:
+    stream, clock = io.StringIO(), FakeClock()
+    progress = WorkProgress("exporting", stream=stream, min_interval_s=0.0, is_tty=False, clock=clock)
+    clock.now += 1.0
+    progress.update(100 * MiB, total_bytes=400 * MiB)
+    clock.now += 1.0
+    progress.update(404 * MiB)  # a caller's total a few MiB short: never over 100%, never a negative ETA
+    assert stream.getvalue().splitlines() == [
+        "exporting: 100 MiB / 400 MiB (25%), 100 MiB/s, ETA 3s",
+        "exporting: 404 MiB / 400 MiB (100%), 202 MiB/s, ETA 0s",
+    ]
+
+
+def test_short_work_prints_only_the_summary() -> None:
+    stream, clock = io.StringIO(), FakeClock()
+    with WorkProgress("creating working store", 10 * MiB, stream=stream, is_tty=False, clock=clock) as progress:
+        clock.now += 0.25
+        progress.update(10 * MiB, "head")
+    assert stream.getvalue() == "creating working store: 10 MiB in 0s (40 MiB/s)\n"
+
+
+def test_work_progress_redraws_in_place_on_a_tty() -> None:
+    stream, clock = io.StringIO(), FakeClock()
+    progress = WorkProgress("creating working store", 2 * MiB, stream=stream, is_tty=True, clock=clock)
+    for done in (1, 2):
+        clock.now += 2.0
+        progress.update(done * MiB)
+    progress.close()
+    out = stream.getvalue()
+    assert out.count("\r") == 3 and out.count("\n") == 1 and out.endswith("\x1b[K\n")
+    assert out.split("\r")[-1] == "creating working store: 2 MiB in 4s (512 KiB/s)\x1b[K\n"
+
+
+def test_store_creation_and_export_feed_the_display(tmp_path: Path) -> None:
+    """The calls the trainer makes: ``on_unit`` of ``WorkingStore.create`` and ``on_tensor`` of
+    ``export_hf`` drive a ``WorkProgress`` to its total."""
+    ckpt = Checkpoint.open(make_tiny_model(tmp_path, "llama", tied=True))
+    units = [(u.name, [(t, (lambda t=t: ckpt.read_tensor(t))) for t in u.tensor_names]) for u in ckpt.units]
+    stream = io.StringIO()
+    created = WorkProgress("creating working store", ckpt.nbytes, stream=stream, min_interval_s=0.0, is_tty=False)
+    store = WorkingStore.create(tmp_path / "store", units, {}, on_unit=lambda name, n, done, total: created.update(done, name))
+    created.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == len(ckpt.units) + 1 and lines[-2].endswith("(head)")
+    assert created.done_bytes == sum(rec.nbytes for rec in store.units.values()) >= ckpt.nbytes
+
+    calls: list[tuple[str, int, int, int]] = []
+    exported = WorkProgress("exporting", stream=stream, min_interval_s=0.0, is_tty=False)
+
+    def on_tensor(name: str, n: int, done: int, total: int) -> None:
+        calls.append((name, n, done, total))
+        exported.update(done, name, total_bytes=total)
+
+    with store:
+        export_hf(tmp_path / "out", ckpt.config, store.iter_tensors(), None, max_shard_bytes="30KB", on_tensor=on_tensor)
+    exported.close()
+    assert [c[1] for c in calls] == list(range(1, len(ckpt.tensors) + 1))
+    assert calls[-1][2] == calls[-1][3] == ckpt.nbytes  # a single-dtype model: the estimate is exact
+    assert all(total == ckpt.nbytes for *_, total in calls)
+    assert stream.getvalue().splitlines()[-1].startswith(f"exporting: {format_size(ckpt.nbytes)} in ")
 
 
 # --------------------------------------------------------------------------- metrics.jsonl

@@ -19,7 +19,6 @@ import torch
 
 from lomo_runtime import native
 from lomo_runtime.rules import AdamW, UpdateContext
-from lomo_runtime.runtime import stochastic_round_bf16
 
 
 def _time(fn, reps: int) -> list[float]:
@@ -43,14 +42,13 @@ def main() -> None:
     rows = []
     for shape in [(2048, 768), (32000, 768)]:
         x = torch.randn(shape)
-        gen = torch.Generator().manual_seed(0)
         t_torch_sr, t_native_sr = [], []
         p, g = torch.randn(shape), torch.randn(shape)
         m1, v1, m2, v2 = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
         p1, p2 = p.clone(), p.clone()
         t_torch_adam, t_native_adam = [], []
         for i in range(args.reps):
-            t_torch_sr += _time(lambda: stochastic_round_bf16(x, gen), 1)
+            t_torch_sr += _time(lambda: native.stochastic_round_bf16_torch(x, i), 1)  # same bits as the kernel
             t_native_sr += _time(lambda: native.stochastic_round_bf16_native(x, i), 1)
             ctx = UpdateContext(lr=1e-3, step=i + 1)
             t_torch_adam += _time(lambda: rule.apply(p1, g, {"exp_avg": m1, "exp_avg_sq": v1}, ctx), 1)

@@ -8,6 +8,11 @@ Output: `config.json`, the tokenizer files found in the source directory,
 Invariants:
 - Tensors stream in: at most one shard (`max_shard_bytes`, or one tensor if
   larger) is held for writing at a time.
+- Progress is reported per tensor (`on_tensor`), not per shard: a model
+  smaller than `max_shard_bytes` (4 GiB by default) is one shard, which would
+  report once, at the end. A tensor counts when it has been read and copied
+  into the shard being built; the shard's `save_file` (about 1 s per GiB)
+  runs between two reports.
 - The exported set is checked against the architecture before anything
   becomes visible: every expected tensor once, with its shape; a tied
   `lm_head.weight` is dropped, as transformers does when saving.
@@ -23,7 +28,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -38,6 +43,8 @@ TOKENIZER_FILES = (
     "tokenizer.model", "generation_config.json", "chat_template.jinja", "added_tokens.json",
 )
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3  # 4 GiB: few files for real models, each well under filesystem limits
+TensorProgress = Callable[[str, int, int, int], None]
+"""``on_tensor(tensor name, tensors done, bytes done, total bytes (an estimate, see `export_hf`))``."""
 
 
 def _shard_name(i: int, n: int) -> str:
@@ -61,10 +68,16 @@ def export_hf(
     tensors: Iterable[tuple[str, torch.Tensor]],
     source_dir: str | os.PathLike[str] | None,
     max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
+    *,
+    on_tensor: TensorProgress | None = None,
 ) -> Path:
     """Write `tensors` (canonical names) with `config` to `out_dir` in HF layout; return `out_dir`.
 
     Tokenizer and generation files present in `source_dir` are copied.
+    `on_tensor(name, tensors done, bytes done, total bytes)` is called after each
+    exported tensor (a dropped tied alias is not one). The total is estimated
+    as the bytes done plus the expected tensors still to come at the itemsize of
+    the latest tensor: exact for a single-dtype model, and exact by the last call.
     Raises `ValueError` if the tensors do not match the architecture's expected
     set (a caller bug), `UserError` for unusable output paths.
     """
@@ -87,7 +100,7 @@ def export_hf(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
     try:
-        weight_map, dtypes = _write_shards(stage, tensors, expected, aliases, limit)
+        weight_map, dtypes = _write_shards(stage, tensors, expected, aliases, limit, on_tensor)
         total = sum(
             (torch.Size(shape).numel() * dtypes[name].itemsize) for name, shape in expected.items()
         )
@@ -108,7 +121,7 @@ def export_hf(
 
 def _write_shards(
     stage: Path, tensors: Iterable[tuple[str, torch.Tensor]], expected: Mapping[str, tuple[int, ...]],
-    aliases: Mapping[str, str], limit: int,
+    aliases: Mapping[str, str], limit: int, on_tensor: TensorProgress | None = None,
 ) -> tuple[dict[str, str], dict[str, torch.dtype]]:
     """Write shards under temporary names, then rename to `model-i-of-n`; return (weight_map, dtypes)."""
     shard_of: dict[str, int] = {}
@@ -116,6 +129,8 @@ def _write_shards(
     pending: dict[str, torch.Tensor] = {}
     pending_bytes = 0
     count = 0
+    done_bytes = 0
+    numel_left = sum(torch.Size(shape).numel() for shape in expected.values())  # for on_tensor's total
 
     def flush() -> None:
         nonlocal pending, pending_bytes, count
@@ -142,6 +157,10 @@ def _write_shards(
         pending_bytes += nbytes
         shard_of[name] = count + 1
         dtypes[name] = data.dtype
+        if on_tensor is not None:
+            done_bytes += nbytes
+            numel_left -= data.numel()
+            on_tensor(name, len(dtypes), done_bytes, done_bytes + max(numel_left, 0) * data.element_size())
     flush()
     missing = [n for n in expected if n not in dtypes]
     if missing:

@@ -41,6 +41,8 @@ from ..config import load_yaml, merge
 @click.option("--prefetch-depth", type=int)
 @click.option("--threads", type=int, help="torch intra-op threads.")
 @click.option("--max-dropped-steps", type=int, help="Stop after this many consecutive non-finite steps (default 5).")
+@click.option("--commit-every", type=int, help="Make the run durable every N steps (default 10; 1: every step).")
+@click.option("--commit-interval", help="Also commit when this much time has passed, e.g. 10m, 90s.")
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in OUT from its last committed step.")
 def train_command(config_file: str | None, **flags: object) -> None:
     """Fine-tune every parameter with fused LOMO updates, streaming weights within the budget."""

@@ -10,6 +10,13 @@ things that pin a unit beyond its segment: a pending gradient (the tied
 embedding, from the head's backward until the embedding's) and outstanding
 segments (a unit with several segments is written back after the last).
 
+Write-back follows the runtime's rule between commits: a unit whose update is
+complete is written at once (and is then clean) if the step commits or Belady
+would evict it before its next use anyway; otherwise it stays resident and
+dirty, and only a load needed now may evict it (after writing it), never a
+prefetch. Prefetch looks past the end of a step into the next one, and runs
+once more when a step's backward has released its units.
+
 I/O is assumed to finish before the next access (the simulation has no clock);
 it counts reads, and the staging pool's footprint: the pool caches released
 buffers per rounded size and never frees them without a capacity, so it holds,
@@ -61,10 +68,12 @@ class _State:
     resident: bool = False
     pins: int = 0
     pending: bool = False
+    dirty: bool = False
 
 
-def simulate(spec: ModelSpec, budget: int | None, depth: int = 2, steps: int = 3) -> Residency:
-    """Replay `steps` steps of the scheduler under `budget` weight bytes (None: unlimited)."""
+def simulate(spec: ModelSpec, budget: int | None, depth: int = 2, steps: int = 3, commit_every: int = 10) -> Residency:
+    """Replay `steps` steps of the scheduler under `budget` weight bytes (None: unlimited),
+    committing after every `commit_every`-th step."""
     sizes = {u.name: u.nbytes for u in spec.units}
     segs = segment_uses(spec)
     forward = [n for s in segs for n in s.needs]
@@ -117,19 +126,30 @@ def simulate(spec: ModelSpec, budget: int | None, depth: int = 2, steps: int = 3
 
     def evict(name: str) -> None:
         state[name].resident = False
+        state[name].dirty = False  # written first if it was
         in_use[sizes[name]] -= 1
         cached[sizes[name]] = cached.get(sizes[name], 0) + 1
 
-    def evictable(name: str) -> bool:
+    def evictable(name: str, required: bool) -> bool:
         s = state[name]
-        return s.resident and s.pins == 0 and not s.pending
+        return s.resident and s.pins == 0 and not s.pending and (required or not s.dirty)
+
+    def likely_evicted(name: str) -> bool:
+        if budget is None:
+            return False
+        n = len(sequence)
+        needed = {sequence[pos % n] for pos in range(cursor + 1, min(next_use(name), cursor + 1 + n))} - {name}
+        return sizes[name] + sum(sizes[u] for u in needed) > budget
+
+    def finish(name: str, commit_due: bool) -> None:
+        state[name].dirty = not (commit_due or likely_evicted(name))
 
     def make_room(name: str, required: bool) -> bool:
         if budget is None:
             return True
         before = next_use(name)
         while resident_bytes() + sizes[name] > budget:
-            candidates = [n for n in state if evictable(n)]
+            candidates = [n for n in state if evictable(n, required)]
             if not required:
                 candidates = [n for n in candidates if next_use(n) > before]
             if not candidates:
@@ -139,10 +159,11 @@ def simulate(spec: ModelSpec, budget: int | None, depth: int = 2, steps: int = 3
 
     def prefetch() -> None:
         started, seen = 0, set()
-        for pos in range(cursor + 1, len(sequence)):
+        n = len(sequence)
+        for pos in range(cursor + 1, cursor + 1 + n):  # past the end: the next step repeats this one
             if started >= depth:
                 break
-            name = sequence[pos]
+            name = sequence[pos % n]
             if name in seen:
                 continue
             seen.add(name)
@@ -175,7 +196,8 @@ def simulate(spec: ModelSpec, budget: int | None, depth: int = 2, steps: int = 3
         for name in needs:
             state[name].pins -= 1
 
-    for _ in range(steps):
+    for done in range(steps):
+        commit_due = (done + 1) % commit_every == 0
         cursor = -1
         reads.append(0)
         read_bytes.append(0)
@@ -194,6 +216,11 @@ def simulate(spec: ModelSpec, budget: int | None, depth: int = 2, steps: int = 3
             if seg.owner == "embed":
                 state["embed"].pending = False
             release(seg.needs)
+            finish(seg.owner, commit_due)  # its gradients are all in (a tied embedding's: at its own segment)
+        if commit_due:
+            for s in state.values():
+                s.dirty = False
+        prefetch()  # the runtime prefetches again once backward has released its units
     resident = [n for n in sizes if n not in read_names]
     return Residency(True, reads, read_bytes, peak, pool_peak, resident)
 
