@@ -22,7 +22,7 @@ def cli() -> None:
 def _register() -> None:
     # Commands register themselves on `cli`; importing them here keeps one entry point.
     from . import inspect_cmd  # noqa: F401
-    for optional in ("plan_cmd", "train_cmd", "export_cmd", "probe_cmd", "eval_cmd"):
+    for optional in ("plan_cmd", "train_cmd", "export_cmd", "probe_cmd", "eval_cmd", "report_cmd"):
         try:
             __import__(f"{__name__}.{optional}")
         except ModuleNotFoundError as err:  # a command whose module has not landed yet
