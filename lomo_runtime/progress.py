@@ -129,9 +129,9 @@ class WorkProgress:
 
     Why: copying a 3.25 GiB model into the working store (or exporting it) takes
     tens of seconds before the first step line, and silence reads as a hang.
-    A line is printed at most every `min_interval_s` seconds (so work that ends
-    sooner prints only the closing line), and `close` prints one summary line,
-    ``creating working store: 3.25 GiB in 11s (302 MiB/s)``. On a terminal the
+    A line is printed at most every `min_interval_s` seconds, and `close` prints
+    one summary line, ``creating working store: 3.25 GiB in 11s (302 MiB/s)``,
+    unless the work was over in under `min_interval_s` (a tiny model: silence). On a terminal the
     line is redrawn in place, as `Progress` does. The rate is the average since
     the display was made. `total_bytes` may be unknown (``None`` or 0: the line
     shows bytes and rate only) or refined by `update` (an export learns the
@@ -195,6 +195,8 @@ class WorkProgress:
             return
         self._closed = True
         elapsed = max(self.clock() - self._started, 1e-9)
+        if elapsed < self.min_interval_s and self._last_print == self._started:
+            return  # quick work: nothing was shown, and nothing needs saying
         line = (f"{self.label}: {format_size(self.done_bytes)} in {_format_duration(elapsed)}"
                 f" ({format_size(self.done_bytes / elapsed)}/s)")
         self._emit(line)

@@ -40,7 +40,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TextIO
 
 import torch
 from torch import nn
@@ -57,6 +57,7 @@ from .segments import Segment, SegmentHooks, wrap_segment
 from .sizes import format_size, parse_size
 from .skeleton import build_skeleton
 from .staging import StagingPool
+from .progress import WorkProgress
 from .store import WorkingStore, dtype_name, layout, tensor_views
 
 STATE_SEP = "::"  # "<param name>::<state key>" names a state tensor in a unit file
@@ -66,6 +67,19 @@ STATE_SEP = "::"  # "<param name>::<state key>" names a state tensor in a unit f
 # weights plus AdaLomo state). At 10 steps its cost is a few percent of the interval's time, and a
 # crash loses at most 9 steps of work, which resume replays.
 DEFAULT_COMMIT_EVERY = 10
+
+
+class _Silent:
+    """A text stream that drops everything (progress without a `progress_stream`)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
 
 
 class _StepFailed(Exception):
@@ -153,7 +167,7 @@ class Runtime(SegmentHooks):
         heap_keep: str | int = 0,
         commit_every: int = DEFAULT_COMMIT_EVERY,
         commit_interval_s: float | None = None,
-        on_progress: Callable[[str], None] | None = None,
+        progress_stream: TextIO | None = None,
     ) -> None:
         if device != "cpu":
             raise UserError(f"device {device!r}: only 'cpu' is implemented so far")
@@ -163,8 +177,10 @@ class Runtime(SegmentHooks):
             raise UserError(f"commit_interval_s must be a positive number of seconds, got {commit_interval_s!r}")
         self.commit_every = commit_every
         self.commit_interval_s = commit_interval_s
-        # Long work (creating the store, a step of minutes) reports through this, one line at a time.
-        self.on_progress = on_progress
+        # Long work (creating the store, exporting, a step of minutes) reports here; None: silent.
+        self.progress_stream = progress_stream
+        self._unit_clock = 0.0  # when the last in-step progress line was printed
+        self._pass_clock = time.monotonic()  # when the current forward pass (a step, an eval batch) began
         self.model_dir = Path(model_dir)
         self.rule: UpdateRule = rule if rule is not None else SGD()
         self.device = device
@@ -245,9 +261,18 @@ class Runtime(SegmentHooks):
             return lambda: self.checkpoint.read_tensor(name).to(dtype)
 
         units = [(u.name, [(t, loader(t)) for t in u.tensor_names]) for u in self.checkpoint.units]
+        total = sum(math.prod(self.checkpoint.tensors[self.checkpoint.resolve(t)].entry.shape)
+                    for u in self.checkpoint.units for t in u.tensor_names) * dtype.itemsize
         meta = {"source_dir": str(self.model_dir.resolve()), "config": self.checkpoint.config,
                 "dtype": dtype_name(dtype), "rule": self._rule_identity(), "master_weights": self.master_weights}
-        return WorkingStore.create(self.work_dir, units, meta)
+        with self._work_progress("creating working store", total) as shown:
+            return WorkingStore.create(
+                self.work_dir, units, meta,
+                on_unit=lambda name, n, done, _total: shown.update(done, f"{name}, {n}/{len(units)} units"))
+
+    def _work_progress(self, label: str, total: int | None = None) -> WorkProgress:
+        """A byte-progress display on `progress_stream` (a silent one without a stream)."""
+        return WorkProgress(label, total, stream=self.progress_stream or _Silent(), min_interval_s=2.0)
 
     def _rule_identity(self) -> dict[str, Any]:
         """The rule and the settings that give its state a meaning (recorded in the store).
@@ -420,6 +445,7 @@ class Runtime(SegmentHooks):
                 raise RuntimeError("a new training forward began before backward() of the previous one")
             self.scheduler.begin_pass(self._train_sequence if grad else self._forward_sequence)
             self._in_step = grad
+            self._pass_clock = time.monotonic()
         self.scheduler.acquire(segment.needs)
         if grad:
             self._outstanding[segment.owner] += 1
@@ -432,6 +458,23 @@ class Runtime(SegmentHooks):
     def segment_forward_end(self, segment: Segment, grad: bool) -> None:
         self.scheduler.release(segment.needs)
         release_freed_heap(self.heap_keep)  # the unit's temporaries are gone: keep RSS at what is really live
+        if self.progress_stream is not None:
+            self._note_unit("forward" if grad else "forward (no grad)", segment)
+
+    PROGRESS_EVERY_S = 10.0  # a step that takes minutes prints a line about this often
+
+    def _note_unit(self, phase: str, segment: Segment) -> None:
+        """One line every PROGRESS_EVERY_S inside a long step (a big model on a slow disk), so a
+        step of minutes never looks hung: where it is, and how long the step has run."""
+        now = time.monotonic()
+        started = self._pass_clock
+        if now - started < self.PROGRESS_EVERY_S or now - self._unit_clock < self.PROGRESS_EVERY_S:
+            return
+        self._unit_clock = now
+        index = self.segments.index(segment) + 1
+        self.progress_stream.write(f"  step {self.step + 1}: {phase} {index}/{len(self.segments)} "
+                                   f"({segment.owner}), {now - started:.0f}s into the step\n")
+        self.progress_stream.flush()
 
     def segment_backward_begin(self, segment: Segment) -> None:
         self.scheduler.acquire(segment.needs)
@@ -441,6 +484,8 @@ class Runtime(SegmentHooks):
     def segment_backward_end(self, segment: Segment) -> None:
         self.scheduler.release(segment.needs)
         release_freed_heap(self.heap_keep)
+        if self.progress_stream is not None:
+            self._note_unit("backward", segment)
         self._outstanding[segment.owner] -= 1
         for name in segment.needs:
             self._maybe_finish_unit(self.scheduler.units[name])
@@ -748,7 +793,9 @@ class Runtime(SegmentHooks):
         self.pool.trim()
         largest = max(slot.nbytes for rec in self.store.units.values() for slot in rec.tensors)
         shard = max(largest, (self.weights_budget or 2 * 2**30) // 2)
-        export_hf(out, self.checkpoint.config, self.iter_weights(), self.model_dir, max_shard_bytes=shard)
+        with self._work_progress(f"exporting to {out}") as shown:
+            export_hf(out, self.checkpoint.config, self.iter_weights(), self.model_dir, max_shard_bytes=shard,
+                      on_tensor=lambda name, n, done, total: shown.update(done, name, total_bytes=total))
         return out
 
     def reset_peaks(self) -> None:

@@ -126,12 +126,20 @@ def test_work_progress_total_given_late_and_clamped() -> None:
     ]
 
 
-def test_short_work_prints_only_the_summary() -> None:
+def test_short_work_prints_nothing() -> None:
     stream, clock = io.StringIO(), FakeClock()
     with WorkProgress("creating working store", 10 * MiB, stream=stream, is_tty=False, clock=clock) as progress:
         clock.now += 0.25
         progress.update(10 * MiB, "head")
-    assert stream.getvalue() == "creating working store: 10 MiB in 0s (40 MiB/s)\n"
+    assert stream.getvalue() == ""
+
+
+def test_work_longer_than_the_interval_prints_the_summary() -> None:
+    stream, clock = io.StringIO(), FakeClock()
+    with WorkProgress("creating working store", 10 * MiB, stream=stream, is_tty=False, clock=clock,
+                      min_interval_s=2.0) as progress:
+        clock.now += 2.5
+    assert stream.getvalue() == "creating working store: 0 B in 2s (0 B/s)\n"
 
 
 def test_work_progress_redraws_in_place_on_a_tty() -> None:

@@ -17,6 +17,7 @@ def export_command(store_dir: str, out_dir: str) -> None:
     from ..checkpoint.export import export_hf
     from ..errors import UserError
     from ..runtime import STATE_SEP
+    from ..progress import WorkProgress
     from ..store import WorkingStore
 
     with WorkingStore.open(store_dir) as store:
@@ -27,6 +28,8 @@ def export_command(store_dir: str, out_dir: str) -> None:
         source = meta.get("source_dir")
         # One shard is held in memory while it is written: keep shards at 512 MiB (or the largest tensor).
         largest = max(slot.nbytes for rec in store.units.values() for slot in rec.tensors)
-        export_hf(Path(out_dir), meta["config"], weights, source if source and Path(source).is_dir() else None,
-                  max_shard_bytes=max(largest, 512 * 2**20))
+        with WorkProgress(f"exporting to {out_dir}") as shown:  # on stderr, for models that take a while
+            export_hf(Path(out_dir), meta["config"], weights, source if source and Path(source).is_dir() else None,
+                      max_shard_bytes=max(largest, 512 * 2**20),
+                      on_tensor=lambda name, n, done, total: shown.update(done, name, total_bytes=total))
         click.echo(f"exported step {store.step} of {store_dir} to {out_dir}")
