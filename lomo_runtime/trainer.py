@@ -126,7 +126,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         dtype=cfg.torch_dtype, prefetch_depth=cfg.prefetch_depth, io_threads=cfg.io_threads, resume=cfg.resume,
         seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, master_weights=cfg.master_weights,
         stochastic_rounding=cfg.stochastic_rounding, grad_accumulation=cfg.grad_accum_steps > 1,
-        checkpoint=checkpoint, heap_keep=cfg.heap_keep or 0, commit_every=cfg.commit_every, progress_stream=sys.stderr,
+        checkpoint=checkpoint, heap_keep=cfg.heap_keep or 0, heap_trim=cfg.heap_trim, commit_every=cfg.commit_every, progress_stream=sys.stderr,
         commit_interval_s=parse_duration(cfg.commit_interval, "--commit-interval") if cfg.commit_interval else None,
     )
     with rt:

@@ -292,7 +292,7 @@ def _setup_lomo_run(args, streamed: bool) -> _Method:
         budget = max(quarter, minimum)
         info = {"weights_bytes": weights, "quarter_bytes": quarter, "minimum_bytes": minimum, "budget_bytes": budget,
                 "budget_is_quarter": budget == quarter}
-    rt = Runtime(args.model, SGD(lr=args.lr), work_dir=work, weights_budget=budget)
+    rt = Runtime(args.model, SGD(lr=args.lr), work_dir=work, weights_budget=budget, heap_keep=getattr(args, "heap_keep", 0))
 
     def step(index, ids, labels):
         loss = rt.model(input_ids=ids, labels=labels).loss
