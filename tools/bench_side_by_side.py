@@ -2,6 +2,7 @@
 
     python tools/bench_side_by_side.py [--steps 20] [--seq-len 128] [--batch-size 8] [--eval 200]
                                        [--methods adamw,lomo,deepspeed,resident,streamed] [--write-md]
+                                       [--rounds 2] [--previous deepspeed]
 
 Same model (SmolLM2-135M-Instruct, fp32, `tools/build_smollm2.py`), same data
 (the balanced tweet-sentiment task, `tools/build_demo_data.py`), same packed
@@ -32,6 +33,19 @@ training it scores held-out multiple-choice accuracy and loss with
 input token (batch x seq_len) over steps 2..N (step 1 warms allocators and
 caches). The parent prints a markdown table, writes JSON and a PNG (loss and
 memory over training time), and with `--write-md` rewrites BENCHMARKS.md.
+
+The ratios that matter (lomo-run against lomo-optim, streamed against
+resident) are measured in alternation: with `--rounds R` the methods lomo,
+resident and streamed run R times in turn (lomo, resident, streamed, lomo, ...;
+later rounds skip the eval), each row's tokens/s is the median over its rounds,
+and each ratio is the median of the per-round ratios. This machine is shared and
+noisy; alternating keeps a slow minute from landing on one method only.
+`--previous METHOD` copies a method's row from the last run's JSON, marked as
+such, instead of running it (DeepSpeed needs a 7.5-minute async-I/O build).
+
+lomo-run runs with its defaults: commits every 10 steps (so all-resident it
+writes the model at steps 10 and 20 only), the head's graph kept, freed heap
+returned twice a step.
 """
 from __future__ import annotations
 
@@ -346,7 +360,7 @@ def run_worker(args) -> None:
     model = method.model
     if hasattr(model, "eval"):
         model.eval()
-    scored = score_choices(model, tokenizer, evaluation, batch_size=16)
+    scored = score_choices(model, tokenizer, evaluation, batch_size=16) if evaluation else None
     eval_s = time.perf_counter() - t0
     method.close()
     result = {
@@ -356,7 +370,8 @@ def run_worker(args) -> None:
         "tokens_per_step": tokens, "tokens_per_s": tokens * len(timed) / sum(timed),
         "median_step_s": statistics.median(timed), "final_loss": steps[-1]["loss"],
         "final_loss_mean_last5": statistics.mean(s["loss"] for s in steps[-5:]),
-        "accuracy": scored.accuracy, "eval_loss": scored.loss, "eval_examples": len(evaluation), "eval_s": eval_s,
+        "accuracy": scored.accuracy if scored else None, "eval_loss": scored.loss if scored else None,
+        "eval_examples": len(evaluation), "eval_s": eval_s,
         "info": method.info,
     }
     Path(args.result).write_text(json.dumps(result, indent=1, default=str))
@@ -382,14 +397,38 @@ def _zero_shot(args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_method(args, method: str, out: Path) -> dict:
-    result_file = out / f"{method}.json"
+ALTERNATED = ("lomo", "resident", "streamed")
+
+
+def _report(method: str, result: dict, note: str = "") -> None:
+    acc = result.get("accuracy")
+    status = result.get("error") or (f"acc {acc:.3f}, " if acc is not None else "") + \
+        f"{result['tokens_per_s']:.0f} tok/s, peak {_gib(result['train_peak_rss_bytes'])}"
+    print(f"{method}{note}: {status} ({result['wall_s']:.0f} s)", flush=True)
+
+
+def _alternation(rounds: dict[str, list[dict]]) -> dict:
+    """Median tokens/s per alternated method, and the median of per-round ratios."""
+    ok = {m: [r for r in rs if "error" not in r] for m, rs in rounds.items() if m in ALTERNATED}
+    tps = {m: statistics.median(r["tokens_per_s"] for r in rs) for m, rs in ok.items() if rs}
+    ratios = {}
+    for name, (num, den) in {"resident_vs_lomo": ("resident", "lomo"), "streamed_vs_lomo": ("streamed", "lomo"),
+                             "streamed_vs_resident": ("streamed", "resident")}.items():
+        pairs = list(zip(ok.get(num, []), ok.get(den, [])))
+        if pairs:
+            per_round = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs]
+            ratios[name] = {"median": statistics.median(per_round), "rounds": per_round}
+    return {"tokens_per_s": tps, "ratios": ratios}
+
+
+def run_method(args, method: str, out: Path, tag: str = "") -> dict:
+    result_file = out / f"{method}{tag}.json"
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--worker", method, "--result", str(result_file), "--scratch", str(out / "scratch"),
            "--model", args.model, "--data", args.data, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
            "--batch-size", str(args.batch_size), "--eval", str(args.eval), "--lr", str(args.lr),
            "--adamw-lr", str(args.adamw_lr), "--warmup-steps", str(args.warmup_steps), "--threads", str(args.threads), "--port", str(args.port)]
-    log = out / f"{method}.log"
+    log = out / f"{method}{tag}.log"
     started = time.perf_counter()
     with log.open("w") as handle:
         proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
@@ -458,7 +497,24 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_markdown(path: Path, args, results: list[dict], zero_shot: dict, command: str, png: Path) -> None:
+def _alternation_lines(args, alternation: dict) -> list[str]:
+    ratios = alternation.get("ratios", {})
+    if not ratios:
+        return []
+    names = {"resident_vs_lomo": "lomo-run all-resident / lomo-optim Lomo",
+             "streamed_vs_lomo": "lomo-run streamed / lomo-optim Lomo",
+             "streamed_vs_resident": "lomo-run streamed / lomo-run all-resident"}
+    lines = [f"tokens/s measured in alternation ({args.rounds} rounds of lomo, resident, streamed; the table's "
+             "tokens/s for these rows is the median over rounds; each ratio is the median of the per-round ratios):", ""]
+    for key, label in names.items():
+        if key in ratios:
+            rounds = ", ".join(f"{x:.3f}" for x in ratios[key]["rounds"])
+            lines.append(f"- {label}: **x{ratios[key]['median']:.3f}** (rounds: {rounds})")
+    return lines + [""]
+
+
+def write_markdown(path: Path, args, results: list[dict], zero_shot: dict, command: str, png: Path,
+                   alternation: dict | None = None) -> None:
     ok = [r for r in results if "error" not in r]
     streamed = next((r for r in ok if r["method"] == "streamed"), None)
     budget = ""
@@ -487,6 +543,7 @@ def write_markdown(path: Path, args, results: list[dict], zero_shot: dict, comma
         "",
         budget,
         "",
+        *_alternation_lines(args, alternation or {}),
         "Headline ratios, lomo-run streamed against each alternative (below 1 = less memory / fewer tokens/s):",
         "",
         *ratios(results),
@@ -519,6 +576,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per method (0: none)")
     parser.add_argument("--port", type=int, default=29533)
     parser.add_argument("--write-md", action="store_true", help="rewrite BENCHMARKS.md and benchmarks/side_by_side.*")
+    parser.add_argument("--rounds", type=int, default=1, help="run lomo, resident and streamed this many times, alternating")
+    parser.add_argument("--previous", default="", help="methods whose row is copied from the last benchmarks/side_by_side.json")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
@@ -535,13 +594,34 @@ def main() -> None:
     zero_shot = _zero_shot(args)
     print(f"zero-shot: {zero_shot}", flush=True)
     results = []
+    previous = [m for m in args.previous.split(",") if m]
+    old = json.loads((REPO / "benchmarks" / "side_by_side.json").read_text()) if previous else {}
+    rounds: dict[str, list[dict]] = {}
+    alternated = [m for m in args.methods.split(",") if m in ALTERNATED]
     for method in args.methods.split(","):
+        if method in previous:
+            row = next(r for r in old["results"] if r["method"] == method)
+            row = {**row, "label": row["label"] + f" (previous run, {old.get('date', 'earlier')}; not re-run)"}
+            results.append(row)
+            continue
         result = run_method(args, method, out)
         results.append(result)
-        status = result.get("error") or f"acc {result['accuracy']:.3f}, {result['tokens_per_s']:.0f} tok/s, " \
-                                        f"peak {_gib(result['train_peak_rss_bytes'])}"
-        print(f"{method}: {status} ({result['wall_s']:.0f} s)", flush=True)
-    summary = {"command": command, "args": vars(args), "zero_shot": zero_shot, "results": results}
+        rounds.setdefault(method, []).append(result)
+        _report(method, result)
+    later = argparse.Namespace(**{**vars(args), "eval": 0})
+    for index in range(1, args.rounds):
+        for method in alternated:
+            result = run_method(later, method, out, tag=f"-round{index + 1}")
+            rounds[method].append(result)
+            _report(method, result, f" (round {index + 1})")
+    alternation = _alternation(rounds)
+    for r in results:
+        if r["method"] in alternation["tokens_per_s"]:
+            r["tokens_per_s_rounds"] = [x.get("tokens_per_s") for x in rounds[r["method"]]]
+            r["tokens_per_s"] = alternation["tokens_per_s"][r["method"]]
+    summary = {"command": command, "date": time.strftime("%Y-%m-%d"), "args": vars(args), "zero_shot": zero_shot,
+               "results": results, "alternation": alternation}
+    print(json.dumps(alternation, indent=1))
     (out / "side_by_side.json").write_text(json.dumps(summary, indent=1, default=str))
     png = out / "side_by_side.png"
     plot(results, png)
@@ -552,7 +632,8 @@ def main() -> None:
         target.mkdir(exist_ok=True)
         (target / "side_by_side.json").write_text(json.dumps(summary, indent=1, default=str))
         plot(results, target / "side_by_side.png")
-        write_markdown(REPO / "BENCHMARKS.md", args, results, zero_shot, command, Path("benchmarks/side_by_side.png"))
+        write_markdown(REPO / "BENCHMARKS.md", args, results, zero_shot, command, Path("benchmarks/side_by_side.png"),
+                       alternation)
         print(f"wrote {REPO / 'BENCHMARKS.md'}")
 
 
