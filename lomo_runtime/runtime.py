@@ -492,14 +492,15 @@ class Runtime(SegmentHooks):
         if self.progress_stream is not None:
             self._note_unit("forward" if grad else "forward (no grad)", segment)
 
-    PROGRESS_EVERY_S = 10.0  # a step that takes minutes prints a line about this often
+    PROGRESS_AFTER_S = 30.0  # a step running longer than this prints where it is ...
+    PROGRESS_EVERY_S = 10.0  # ... about this often
 
     def _note_unit(self, phase: str, segment: Segment) -> None:
-        """One line every PROGRESS_EVERY_S inside a long step (a big model on a slow disk), so a
-        step of minutes never looks hung: where it is, and how long the step has run."""
+        """Inside a step past PROGRESS_AFTER_S (a big model on a slow disk), a line every
+        PROGRESS_EVERY_S, so a step of minutes never looks hung: where it is, and how long it has run."""
         now = time.monotonic()
         started = self._pass_clock
-        if now - started < self.PROGRESS_EVERY_S or now - self._unit_clock < self.PROGRESS_EVERY_S:
+        if now - started < self.PROGRESS_AFTER_S or now - self._unit_clock < self.PROGRESS_EVERY_S:
             return
         self._unit_clock = now
         index = self.segments.index(segment) + 1

@@ -203,3 +203,24 @@ def test_bf16_stochastic_rounding_killed_then_resumed_without_the_kernel_is_bit_
     assert_same_weights(weights(out / "model"), weights(tmp_path / "ref" / "model"), "resumed without the kernel")
     steps_logged = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert steps_logged == list(range(1, steps + 1))
+
+
+def test_commit_interval_commits_when_the_time_has_passed(tmp_path: Path) -> None:
+    model_dir = make_tiny_model(tmp_path, "llama", tied=True)
+    ids = _batches(128, 1)[0]
+    with Runtime(model_dir, SGD(lr=LR), work_dir=tmp_path / "w", commit_every=1000, commit_interval_s=0.05) as rt:
+        first = rt.backward(rt.model(input_ids=ids, labels=ids).loss)
+        time.sleep(0.06)
+        second = rt.backward(rt.model(input_ids=ids, labels=ids).loss)
+        assert second.committed and rt.committed_step == 2
+        assert not first.committed or first.commit_s > 0  # a slow first step may pass 50 ms by itself
+
+
+def test_commit_interval_flag_parses_durations() -> None:
+    from lomo_runtime.config import parse_duration
+    from lomo_runtime.errors import UserError
+
+    assert [parse_duration(x) for x in ("90", "90s", "10m", "1.5h")] == [90.0, 90.0, 600.0, 5400.0]
+    for bad in ("", "10x", "-5m", "0", "nan", "m"):
+        with pytest.raises(UserError, match="--commit-interval"):
+            parse_duration(bad, "--commit-interval")

@@ -277,3 +277,25 @@ def test_killed_writer_leaves_a_readable_file(tmp_path: Path) -> None:
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     for line in path.read_text().splitlines()[:-1]:
         json.loads(line)
+
+
+def test_a_long_step_prints_where_it_is(tmp_path: Path, monkeypatch) -> None:
+    """Inside a step past PROGRESS_AFTER_S the runtime prints one line per PROGRESS_EVERY_S,
+    naming the phase and unit; a library user without a progress stream gets nothing."""
+    import torch
+
+    from helpers import make_tiny_model
+    from lomo_runtime import SGD, Runtime
+
+    model_dir = make_tiny_model(tmp_path, "llama", tied=True)
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(Runtime, "PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr(Runtime, "PROGRESS_EVERY_S", 0.0)
+    stream = io.StringIO()
+    with Runtime(model_dir, SGD(lr=0.01), work_dir=tmp_path / "w", progress_stream=stream) as rt:
+        rt.backward(rt.model(input_ids=ids, labels=ids).loss)
+    lines = stream.getvalue().splitlines()
+    assert any("step 1: forward" in l and "(block.0)" in l for l in lines), lines
+    assert any("step 1: backward" in l and "(embed)" in l for l in lines), lines
+    with Runtime(model_dir, SGD(lr=0.01), work_dir=tmp_path / "quiet") as rt:  # no stream: silent
+        rt.backward(rt.model(input_ids=ids, labels=ids).loss)
