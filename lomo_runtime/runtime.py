@@ -40,7 +40,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Iterator, TextIO
 
 import torch
 from torch import nn
@@ -51,13 +51,13 @@ from .errors import DoesNotFit, UserError
 from .io import aligned_empty
 from .memory import current_rss_bytes, peak_rss_bytes, release_freed_heap, reset_peak_rss
 from .native import rounding_seed, stochastic_round_bf16
+from .progress import WorkProgress
 from .rules import SGD, UpdateContext, UpdateRule
 from .scheduler import Scheduler, Unit, UnitState
 from .segments import Segment, SegmentHooks, wrap_segment
 from .sizes import format_size, parse_size
 from .skeleton import build_skeleton
 from .staging import StagingPool
-from .progress import WorkProgress
 from .store import WorkingStore, dtype_name, layout, tensor_views
 
 STATE_SEP = "::"  # "<param name>::<state key>" names a state tensor in a unit file
@@ -280,7 +280,7 @@ class Runtime(SegmentHooks):
         with self._work_progress("creating working store", total) as shown:
             return WorkingStore.create(
                 self.work_dir, units, meta,
-                on_unit=lambda name, n, done, _total: shown.update(done, f"{name}, {n}/{len(units)} units"))
+                on_unit=lambda name, n, done: shown.update(done, f"{name}, {n}/{len(units)} units"))
 
     def _work_progress(self, label: str, total: int | None = None) -> WorkProgress:
         """A byte-progress display on `progress_stream` (a silent one without a stream)."""
@@ -408,8 +408,7 @@ class Runtime(SegmentHooks):
             # The last unit (final norm, lm_head) is used again right after its forward: keep its graph
             # rather than recompute the lm_head matmul (segments.py).
             segment = Segment(path=path, owner=owner, needs=needs, module=module, forward=module.forward,
-                              params=params, keep_graph=owner == last_owner)
-            segment.may_keep_graph = segment.keep_graph  # set per step: not for two-pass clipping
+                              params=params, may_keep_graph=owner == last_owner)  # keep_graph: set per step
             wrap_segment(segment, self)
             segments.append(segment)
         return segments
@@ -466,12 +465,10 @@ class Runtime(SegmentHooks):
             self._pass_clock = time.monotonic()
             # Exact clipping runs backward twice with every unit streamed in between: a kept graph
             # would pin the head through the first pass, beyond the minimum budget. Recompute then.
-            clip = self.rule.clip_grad_norm
-            two_pass = bool(clip) and (self.rule.clip_mode == "exact"
-                                       or (self.rule.clip_mode == "previous" and self._last_norm is None))
+            two_pass = self._two_pass_clipping()
             for seg in self.segments:
                 seg.keep_graph = seg.may_keep_graph and not two_pass
-        if self._trim == "step" and segment.may_keep_graph and segment is self._head_first:
+        if self._trim == "step" and segment is self._head_first:
             release_freed_heap(self.heap_keep)  # ahead of the step's peak (logits and their gradient)
         self.scheduler.acquire(segment.needs)
         if grad:
@@ -577,9 +574,7 @@ class Runtime(SegmentHooks):
             raise _StepFailed(self._failed)  # stop backward now: nothing after this point is worth computing
         if self._mode == "accumulate":
             info.state["grad_accum"].add_(grad)
-            unit.updated = unit.dirty = True
-            unit.settled = False
-            self._touched = True
+            self._mark_updated(unit)
             return
         if self.grad_accumulation:
             accum = info.state["grad_accum"]
@@ -588,9 +583,7 @@ class Runtime(SegmentHooks):
             else:
                 grad = accum.add_(grad).clone()
                 accum.zero_()
-                unit.updated = unit.dirty = True
-                unit.settled = False
-                self._touched = True
+                self._mark_updated(unit)
         norm = grad.norm(2.0) if self.rule.clip_grad_norm else None
         if self._mode == "norm":
             self._norms.append(norm)
@@ -624,11 +617,22 @@ class Runtime(SegmentHooks):
                     weight.copy_(stochastic_round_bf16(work, seed))
                 else:
                     weight.copy_(work)
-        info.unit.updated = info.unit.dirty = True
-        info.unit.settled = False
+        self._mark_updated(info.unit)
+
+    def _mark_updated(self, unit: Unit) -> None:
+        """`unit` changed in this step: it is dirty (unwritten) and not settled until its segment ends,
+        and a drop of this step must now roll back."""
+        unit.updated = unit.dirty = True
+        unit.settled = False
         self._touched = True
 
     # ---- step ----------------------------------------------------------------------------------
+    def _two_pass_clipping(self) -> bool:
+        """Does this step's global-norm clipping need a first backward pass for the norm?
+        Always for "exact"; for "previous" only while no earlier norm is known."""
+        return bool(self.rule.clip_grad_norm) and (
+            self.rule.clip_mode == "exact" or (self.rule.clip_mode == "previous" and self._last_norm is None))
+
     @property
     def committed_step(self) -> int:
         """The step the working store holds durably (what a crash would resume from)."""
@@ -682,8 +686,7 @@ class Runtime(SegmentHooks):
                 scaled.backward()
             else:
                 clip = self.rule.clip_grad_norm
-                exact = clip and (self.rule.clip_mode == "exact" or (self.rule.clip_mode == "previous" and self._last_norm is None))
-                if exact:
+                if self._two_pass_clipping():
                     self._mode = "norm"
                     self._norms = []
                     scaled.backward(retain_graph=True)
@@ -883,7 +886,7 @@ class Runtime(SegmentHooks):
         try:
             if self._in_step or self._accumulating:
                 self._abandon_step()
-            if commit and self.store._lock_fd is not None:
+            if commit and not self.store.closed:
                 self.commit()
         finally:
             try:

@@ -80,10 +80,14 @@ class SchedulerStats:
     read_bytes: int = 0
     writes: int = 0
     write_bytes: int = 0
-    waits_s: float = 0.0                           # time the compute thread waited on I/O (reads + writes)
-    read_waits_s: float = 0.0                      # ... on a read it needed (the prefetch was late)
+    read_waits_s: float = 0.0                      # time the compute thread waited on a read it needed
     write_waits_s: float = 0.0                     # ... on a write (to evict or update a unit being written)
     peak_resident_bytes: int = 0
+
+    @property
+    def waits_s(self) -> float:
+        """Time the compute thread waited on I/O, reads and writes."""
+        return self.read_waits_s + self.write_waits_s
 
 
 class Scheduler:
@@ -403,7 +407,6 @@ class Scheduler:
         waited = time.perf_counter() - start
         if not self._count_waits:
             return
-        self.stats.waits_s += waited
         if unit.state is UnitState.WRITING:
             self.stats.write_waits_s += waited
         else:

@@ -93,8 +93,8 @@ _GENERATION_FILE = re.compile(r"^(?P<unit>[A-Za-z0-9_][A-Za-z0-9_.\-]*)\.g(?P<ge
 
 TensorLoader = Callable[[], torch.Tensor]
 UnitSource = tuple[str, Sequence[tuple[str, TensorLoader]]]
-UnitProgress = Callable[[str, int, int, int], None]
-"""``on_unit(unit name, units done, bytes done, total bytes or 0 if unknown)``."""
+UnitProgress = Callable[[str, int, int], None]
+"""``on_unit(unit name, units done, bytes done)``."""
 
 CHECKSUMS: dict[str, Callable[[Any], int]] = {"crc32": zlib.crc32, "crc32c": crc32c.crc32c}
 """Unit-file checksum algorithms by the name a record carries: zlib's CRC-32 (versions 1-2), CRC-32C."""
@@ -417,13 +417,13 @@ class WorkingStore:
         then its files, so a crash midway leaves an empty store directory, never
         a mix. Any other non-empty directory is refused with ``StoreError``.
 
-        ``on_unit(name, units done, bytes done, 0)`` is called after each unit file
+        ``on_unit(name, units done, bytes done)`` is called after each unit file
         is written and fsynced (bytes: unit file sizes, padding included), so a
         caller can show progress: copying a 3.25 GiB model takes tens of seconds
-        before the first step. The total is passed as 0 (unknown): sizes are known
-        only once a loader has run; a caller that knows the model (checkpoint
-        headers x the stored dtype) gives its own total to the display. An
-        exception from ``on_unit`` aborts the create like any other.
+        before the first step. No total is given: sizes are known only once a
+        loader has run; a caller that knows the model (checkpoint headers x the
+        stored dtype) gives its own total to the display. An exception from
+        ``on_unit`` aborts the create like any other.
 
         From a ``lomo_runtime.checkpoint.Checkpoint`` (converting dtype in the loader
         if the run trains in another one)::
@@ -468,7 +468,7 @@ class WorkingStore:
                 del buf
                 if on_unit is not None:
                     done_bytes += records[name].nbytes
-                    on_unit(name, len(records), done_bytes, 0)
+                    on_unit(name, len(records), done_bytes)
             store._publish(0, records, dict(meta))
             store._pending.clear()
             store._delete_unreferenced()
@@ -500,6 +500,11 @@ class WorkingStore:
         return store
 
     # -- state ---------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` has released the lock (the store can no longer be read or committed)."""
+        return self._lock_fd is None
 
     @property
     def step(self) -> int:

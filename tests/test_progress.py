@@ -161,7 +161,7 @@ def test_store_creation_and_export_feed_the_display(tmp_path: Path) -> None:
     units = [(u.name, [(t, (lambda t=t: ckpt.read_tensor(t))) for t in u.tensor_names]) for u in ckpt.units]
     stream = io.StringIO()
     created = WorkProgress("creating working store", ckpt.nbytes, stream=stream, min_interval_s=0.0, is_tty=False)
-    store = WorkingStore.create(tmp_path / "store", units, {}, on_unit=lambda name, n, done, total: created.update(done, name))
+    store = WorkingStore.create(tmp_path / "store", units, {}, on_unit=lambda name, n, done: created.update(done, name))
     created.close()
     lines = stream.getvalue().splitlines()
     assert len(lines) == len(ckpt.units) + 1 and lines[-2].endswith("(head)")
