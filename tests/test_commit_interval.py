@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from fault_harness import CLI, REPO, assert_same_weights, make_job, run_cli, store_report, train_argv, weights
 from helpers import make_tiny_model
 from lomo_runtime import SGD, Runtime
+from lomo_runtime.runtime import LossScaler
 
 LR = 0.05
 
@@ -39,6 +39,39 @@ class _NanGrad(torch.autograd.Function):
 def _batches(vocab: int, n: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(7)
     return [torch.randint(0, vocab, (2, 16), generator=gen) for _ in range(n)]
+
+
+def _train_with_replay(rt: Runtime, batches: list[torch.Tensor], bad: int) -> tuple[list, list[int]]:
+    """Train on `batches` as the library contract says, the batch at index `bad` giving a NaN
+    gradient the first time: on a drop with `rolled_back` > 0, replay the batches of steps
+    `result.step` .. `result.step + rolled_back - 1`, then go on with the batch after the dropped one.
+    Returns the results of the first runs of each batch, and the steps at which the NaN fired."""
+    fired: list[int] = []
+    batch_index = 0
+
+    def poison(module, inputs, output):
+        if torch.is_grad_enabled() and batch_index == bad and not fired:
+            fired.append(rt.step)
+            return _NanGrad.apply(output)
+        return output
+
+    handle = rt.model.get_input_embeddings().register_forward_hook(poison)
+    positions = {}  # batch index at the start of each step
+    results = []
+    while batch_index < len(batches):
+        positions[rt.step] = batch_index
+        ids = batches[batch_index]
+        result = rt.backward(rt.model(input_ids=ids, labels=ids).loss)
+        results.append(result)
+        batch_index += 1
+        if result.dropped and result.rolled_back:
+            dropped_at = batch_index  # the retry takes the batch after the dropped one
+            for step in range(result.step, result.step + result.rolled_back):
+                replay = batches[positions[step]]
+                assert not rt.backward(rt.model(input_ids=replay, labels=replay).loss).dropped
+            batch_index = dropped_at
+    handle.remove()
+    return results, fired
 
 
 def test_nan_at_step_5_of_8_with_commit_every_3_equals_sgd_without_that_batch(tmp_path: Path) -> None:
@@ -63,29 +96,7 @@ def test_nan_at_step_5_of_8_with_commit_every_3_equals_sgd_without_that_batch(tm
         sizes = {n: r.nbytes for n, r in rt.store.units.items()}
     budget = sizes["embed"] + max(v for k, v in sizes.items() if k.startswith("block."))  # streams every step
     with Runtime(model_dir, SGD(lr=LR), work_dir=tmp_path / "w", weights_budget=budget, commit_every=3) as rt:
-        fired = []
-
-        def poison(module, inputs, output):
-            if torch.is_grad_enabled() and batch_index == bad and not fired:
-                fired.append(rt.step)
-                return _NanGrad.apply(output)
-            return output
-
-        rt.model.get_input_embeddings().register_forward_hook(poison)
-        positions = {}  # batch index at the start of each step
-        batch_index, results = 0, []
-        while batch_index < len(batches):
-            positions[rt.step] = batch_index
-            ids = batches[batch_index]
-            result = rt.backward(rt.model(input_ids=ids, labels=ids).loss)
-            results.append(result)
-            batch_index += 1
-            if result.dropped and result.rolled_back:
-                dropped_at = batch_index  # the retry takes the batch after the dropped one
-                for step in range(result.step, result.step + result.rolled_back):
-                    replay = batches[positions[step]]
-                    assert not rt.backward(rt.model(input_ids=replay, labels=replay).loss).dropped
-                batch_index = dropped_at
+        results, fired = _train_with_replay(rt, batches, bad)
         dropped = [r for r in results if r.dropped]
         assert fired == [4] and len(dropped) == 1
         # Steps 1-3 committed at step 3; step 5's NaN came after the head and blocks were updated.
@@ -97,6 +108,25 @@ def test_nan_at_step_5_of_8_with_commit_every_3_equals_sgd_without_that_batch(tm
     for name, tensor in trained.items():
         diff = (tensor - expected[name]).abs().max().item()
         assert diff <= 1e-6, f"{name} differs by {diff}"
+
+
+def test_fp16_loss_scale_after_a_rollback_is_the_scale_of_a_run_that_committed_every_step(tmp_path: Path) -> None:
+    """The replayed steps use the loss scale their first run used and the retried step the
+    halved one, so the scale sequence and the weights equal those of a run that never rolled back
+    (commit_every=1: its drop comes right after a commit). A replay that reused the lowered
+    scale, or counted its steps into the doubling window twice, would differ."""
+    model_dir = make_tiny_model(tmp_path, "llama", tied=True)
+    batches = _batches(128, 6)
+    runs = {}
+    for every in (1, 3):
+        scaler = LossScaler(scale=1024.0, window=2)
+        with Runtime(model_dir, SGD(lr=0.01), work_dir=tmp_path / f"w{every}", dtype=torch.float16,
+                     loss_scaler=scaler, commit_every=every) as rt:
+            results, fired = _train_with_replay(rt, batches, bad=2)
+            assert fired == [2]
+            runs[every] = ([r.loss_scale for r in results], dict(rt.iter_weights()))
+    assert [r for r in runs[3][0]] == runs[1][0] == [1024.0, 2048.0, 1024.0, 1024.0, 2048.0, 2048.0]
+    assert_same_weights(runs[3][1], runs[1][1], "fp16, commit every 3 with a rollback")
 
 
 def test_commit_contract_of_the_library(tmp_path: Path) -> None:

@@ -184,3 +184,23 @@ def test_commit_every_3_a_nan_gradient_rolls_back_and_replays(job, clean, tmp_pa
     assert_same_weights(weights(out / "model"), clean, "commit every 3, with a rollback")
     report = store_report(out / "store")
     assert report["step"] == STEPS and not report["leftovers"]
+
+
+def test_commit_every_3_replays_the_batches_those_steps_had(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Varied batches this time, so a replay with the wrong data position would change the result:
+    a NaN gradient in step 5 with --commit-every 3 (roll back to 3, replay 4, retry 5 with the next
+    batch) ends bit-identical to the same fault with --commit-every 1, which never replays."""
+    from fault_harness import make_job
+
+    varied = make_job(tmp_path / "job", examples=60)
+    finals = {}
+    for every in ("1", "3"):
+        _inject_at_steps(monkeypatch, nan_grad_steps={4})
+        out = tmp_path / f"out{every}"
+        assert train_in_process(varied, out, "--steps", str(STEPS), "--commit-every", every) == 0, capsys.readouterr().err
+        monkeypatch.undo()
+        records = _records(out)
+        assert [r["step"] for r in records if not r["dropped"]] == list(range(1, STEPS + 1))
+        assert [r.get("rolled_back_steps", 0) for r in records if r["dropped"]] == ([0] if every == "1" else [1])
+        finals[every] = weights(out / "model")
+    assert_same_weights(finals["3"], finals["1"], "commit every 3 against every 1, varied batches")
