@@ -164,12 +164,74 @@ def test_clip_mode_previous_and_unit(tmp_path: Path) -> None:
         assert b2.grad_norm is None and not b2.dropped
 
 
-def test_fp16_overflow_drops_step_halves_scale_then_window_doubles_it(tmp_path: Path) -> None:
+def test_clip_mode_previous_applies_the_previous_steps_coefficient(tmp_path: Path) -> None:
+    """Steps 2 and 3 of "previous" against torch: each step's gradient scaled by hand with
+    min(1, max_norm / (norm of the step before + 1e-6)) (torch's clip_grad_norm_ formula), the norm
+    taken from torch's own unclipped gradient. Different batches, so each step's norm differs from the
+    last and using the current norm (or none) would show. fp32, max abs difference <= 1e-6."""
+    model_dir = make_tiny_model(tmp_path, arch="llama", tied=False)
+    gen = torch.Generator().manual_seed(5)
+    # Batches of different sizes: their gradient norms differ by tens of percent.
+    batches = [torch.randint(0, 128, shape, generator=gen) for shape in ((2, 16), (1, 6), (4, 16))]
+    max_norm, lr = 0.05, 0.1
+    ref = _reference(model_dir)
+    params = list(ref.parameters())
+    prev_norm, norms, coefs = None, [], []
+    for ids in batches:
+        ref(input_ids=ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])).item()
+            basis = norm if prev_norm is None else prev_norm  # step 1 has no previous norm: exact clipping
+            coef = min(1.0, max_norm / (basis + 1e-6))
+            for p in params:
+                p.sub_(lr * coef * p.grad)
+                p.grad = None
+        norms.append(norm)
+        coefs.append(coef)
+        prev_norm = norm
+    # Clipping is active on every step and the coefficients differ enough to tell apart.
+    assert all(c < 1.0 for c in coefs)
+    assert abs(norms[1] - norms[0]) / norms[0] > 0.1 and abs(norms[2] - norms[1]) / norms[1] > 0.1, norms
+    budget = _unit_budget(model_dir, tmp_path)
+    with Runtime(model_dir, SGD(lr=lr, clip_grad_norm=max_norm, clip_mode="previous"), work_dir=tmp_path / "p",
+                 weights_budget=budget) as rt:
+        results = [rt.backward(rt.model(input_ids=ids, labels=ids).loss) for ids in batches]
+        assert not any(r.dropped for r in results)
+        assert results[0].grad_norm == pytest.approx(norms[0], rel=1e-5)
+        assert results[1].grad_norm is None and results[2].grad_norm is None  # one backward pass each
+        _assert_weights_match(rt, ref)
+
+
+def _fp16_reference(model_dir: Path, ids: torch.Tensor, scales: list[float], lr: float) -> dict[str, torch.Tensor]:
+    """fp16 training by hand, the standard mixed-precision way: the loss times the scale is
+    backpropagated in fp16, each gradient is unscaled in fp32, SGD updates an fp32 copy of the
+    weight and it is rounded to nearest back into fp16. One step per entry of `scales`."""
+    ref = _reference(model_dir, torch.float16)
+    for scale in scales:
+        (ref(input_ids=ids, labels=ids).loss * scale).backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                work = p.float()
+                work.add_(p.grad.float() / scale, alpha=-lr)
+                p.copy_(work.to(torch.float16))
+                p.grad = None
+    return ref.state_dict()
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "resident"])
+def test_fp16_overflow_drops_step_halves_scale_then_window_doubles_it(tmp_path: Path, streamed: bool) -> None:
+    """The scaler's arithmetic, and the weights: after the dropped step and four good ones they equal
+    a hand-written fp16 run that never took the dropped step (scales 512, 512, 1024, 1024: halved by
+    the overflow, doubled after the 2-step window). Tolerance: 0 (same fp16 kernels in the same order).
+    All resident, a unit the dropped step updated before the overflow (block 1's MLP) is never
+    re-read from the store unless the rollback drops it: only the weights check sees a partial
+    update left in memory."""
     model_dir = make_tiny_model(tmp_path, arch="llama", tied=True)
     ids = _batches(1)[0]
     scaler = LossScaler(scale=1024.0, window=2)
+    budget = _unit_budget(model_dir, tmp_path, dtype=torch.float16) if streamed else None
     with Runtime(model_dir, SGD(lr=0.01), work_dir=tmp_path / "w", dtype=torch.float16, loss_scaler=scaler,
-                 weights_budget=_unit_budget(model_dir, tmp_path, dtype=torch.float16)) as rt:
+                 weights_budget=budget) as rt:
         before = {k: v.clone() for k, v in rt.iter_weights()}
         # An infinite gradient in block 1, in the middle of backward: the head is already updated.
         poison = rt.model.get_parameter("model.layers.1.self_attn.o_proj.weight")
@@ -185,6 +247,15 @@ def test_fp16_overflow_drops_step_halves_scale_then_window_doubles_it(tmp_path: 
             assert scaler.scale == expected_scale
         rt.commit()
         assert rt.store.meta["loss_scaler"]["scale"] == 2048.0  # committed, so a resume continues with it
+        trained = dict(rt.iter_weights())
+    expected = _fp16_reference(model_dir, ids, [512.0, 512.0, 1024.0, 1024.0], lr=0.01)
+    moved = 0
+    for name, tensor in trained.items():
+        assert tensor.dtype == torch.float16
+        diff = (tensor.float() - expected[name].float()).abs().max().item()
+        assert diff == 0.0, f"{name} differs from the run that skipped the step by {diff}"
+        moved += int((expected[name] != before[name]).sum())
+    assert moved > 1000  # the reference really trained
 
 
 def test_stochastic_rounding_is_unbiased() -> None:
@@ -223,16 +294,44 @@ def test_bf16_tiny_lr_learns_only_with_stochastic_rounding(tmp_path: Path) -> No
 
 
 def test_master_weights_keep_fp32_copy(tmp_path: Path) -> None:
+    """bf16 weights with fp32 master weights against a hand-written mixed-precision run: forward and
+    backward in bf16, the bf16 gradient taken to fp32, SGD on an fp32 master copy (starting from the
+    bf16 weights, as the store does), the weight rounded to nearest from it. Streamed (one block at a
+    time), 3 different batches. Master: max abs difference <= 1e-8 (below an fp32 ulp at 0.1, i.e. the
+    same bits up to the order of an fp32 add); bf16 weights: identical."""
     model_dir = make_tiny_model(tmp_path, arch="llama", tied=True)
-    ids = _batches(1)[0]
-    with Runtime(model_dir, SGD(lr=2e-4), work_dir=tmp_path / "w", dtype=torch.bfloat16, master_weights=True,
-                 stochastic_rounding=False) as rt:
-        for _ in range(3):
-            rt.backward(rt.model(input_ids=ids, labels=ids).loss)
+    batches = _batches(3)
+    lr = 2e-4
+    ref = _reference(model_dir, torch.bfloat16)
+    master = {n: p.detach().float().clone() for n, p in ref.named_parameters()}
+    start = {n: m.clone() for n, m in master.items()}
+    opt = torch.optim.SGD(list(master.values()), lr=lr)
+    for ids in batches:
+        ref(input_ids=ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                master[n].grad = p.grad.float()
+                p.grad = None
+            opt.step()
+            for n, p in ref.named_parameters():
+                p.copy_(master[n].to(torch.bfloat16))
+    budget = _unit_budget(model_dir, tmp_path, dtype=torch.bfloat16, master_weights=True)
+    with Runtime(model_dir, SGD(lr=lr), work_dir=tmp_path / "w", dtype=torch.bfloat16, master_weights=True,
+                 stochastic_rounding=False, weights_budget=budget) as rt:
+        for ids in batches:
+            assert not rt.backward(rt.model(input_ids=ids, labels=ids).loss).dropped
+        rt.commit()  # the store's committed generation is what iter_tensors reads
         tensors = dict(rt.store.iter_tensors())
-    master = tensors["model.layers.0.mlp.up_proj.weight::master"]
-    weight = tensors["model.layers.0.mlp.up_proj.weight"]
-    assert master.dtype == torch.float32 and weight.dtype == torch.bfloat16
-    assert torch.equal(master.to(torch.bfloat16), weight)
-    original = _reference(model_dir).state_dict()["model.layers.0.mlp.up_proj.weight"]
-    assert not torch.equal(master, original)  # small updates accumulate in fp32 even when bf16 loses them
+    weights = ref.state_dict()
+    lost_in_bf16 = 0
+    for name, expected in master.items():
+        got = tensors[name + "::master"]
+        assert got.dtype == torch.float32 and tensors[name].dtype == torch.bfloat16
+        diff = (got - expected).abs().max().item()
+        assert diff <= 1e-8, f"{name}: master differs from the fp32 reference by {diff}"
+        assert torch.equal(tensors[name], weights[name]), f"{name}: bf16 weight differs"
+        # Updates bf16 alone would have lost: the master moved, the bf16 weight did not.
+        lost_in_bf16 += int(((expected != start[name]) & (weights[name].float() == start[name])).sum())
+    moved = (master["model.layers.0.mlp.up_proj.weight"] - start["model.layers.0.mlp.up_proj.weight"]).abs().max()
+    assert moved.item() > 100 * 1e-8  # the tolerance is far below the updates it checks
+    assert lost_in_bf16 > 0
