@@ -54,7 +54,7 @@ from .native import rounding_seed, stochastic_round_bf16
 from .progress import WorkProgress
 from .rules import SGD, UpdateContext, UpdateRule
 from .scheduler import Scheduler, Unit, UnitState
-from .segments import Segment, SegmentHooks, wrap_segment
+from .segments import KeptGraph, Segment, SegmentHooks, wrap_segment
 from .sizes import format_size, parse_size
 from .skeleton import build_skeleton
 from .staging import StagingPool
@@ -219,12 +219,13 @@ class Runtime(SegmentHooks):
         self.pool = StagingPool(self.weights_budget)
         self.scheduler = Scheduler(units, self.store, self.pool, self.weights_budget, prefetch_depth, io_threads)
         self.scheduler.generation = self._generation
+        self.scheduler.on_pressure = self._drop_kept_graphs
         self.segments = self._build_segments()
         self._check_minimum_budget()
         self._forward_sequence = [n for s in self.segments for n in s.needs]
-        backward_sequence = [n for s in reversed(self.segments) for n in s.needs]
-        passes = 2 if self.rule.clip_grad_norm and self.rule.clip_mode in ("exact", "previous") else 1
-        self._train_sequence = self._forward_sequence + backward_sequence * passes
+        self._backward_sequence = [n for s in reversed(self.segments) for n in s.needs]
+        self._passes = 2 if self.rule.clip_grad_norm and self.rule.clip_mode in ("exact", "previous") else 1
+        self._train_sequence = self._forward_sequence + self._backward_sequence * self._passes
         self._outstanding: dict[str, int] = {name: 0 for name in self.scheduler.units}  # backwards still to run
         self._forward_calls: dict[str, int] = dict(self._outstanding)                   # segment calls this step
         self._unit_sq_norm: dict[str, float] = {}
@@ -235,7 +236,8 @@ class Runtime(SegmentHooks):
         self._norms: list[torch.Tensor] = []
         self._failed: str | None = None
         self._touched = False        # this step's backward changed some unit (a drop must roll back)
-        self._kept_pins: list[Segment] = []  # keep_graph segments whose forward ran and backward has not
+        self._kept_pins: list[tuple[Segment, KeptGraph]] = []  # kept graphs whose backward has not run
+        self._forwards = 0           # training forwards in the current step (a loss may use several)
         self._head_first = next(s for s in self.segments if s.may_keep_graph)
         self._accumulating = False   # micro-batches accumulated, their step not yet applied
         self._commit_meta: dict = {}  # the caller's latest commit_meta, committed with the next commit
@@ -431,9 +433,9 @@ class Runtime(SegmentHooks):
         need = self.minimum_weights_budget()
         if self.weights_budget < need:
             raise DoesNotFit(
-                f"weights budget {format_size(self.weights_budget)} is below the {format_size(need)} one step needs "
+                f"weights budget {format_size(self.weights_budget, 'down')} is below the {format_size(need, 'up')} one step needs "
                 f"at once (the largest unit with its update-rule state, plus a tied embedding's pending gradient); "
-                f"raise it to at least {format_size(need)}"
+                f"raise it to at least {format_size(need, 'up')}"
             )
 
     def _resolve_budget(self, memory_budget, weights_budget, seq_len, batch_size) -> int | None:
@@ -450,24 +452,24 @@ class Runtime(SegmentHooks):
             return allowed
         if explicit > allowed:
             raise DoesNotFit(
-                f"weights budget {format_size(explicit)} does not fit the memory budget {format_size(memory)}, "
-                f"which leaves {format_size(allowed)} for weights; lower --weights-budget or raise --memory-budget"
+                f"weights budget {format_size(explicit, 'up')} does not fit the memory budget {format_size(memory)}, "
+                f"which leaves {format_size(allowed, 'down')} for weights; lower --weights-budget or raise --memory-budget"
             )
         return explicit
 
     # ---- segment hooks -------------------------------------------------------------------------
     def segment_forward_begin(self, segment: Segment, grad: bool) -> None:
-        if segment is self.segments[0]:
-            if grad and self._in_step:
-                raise RuntimeError("a new training forward began before backward() of the previous one")
-            self.scheduler.begin_pass(self._train_sequence if grad else self._forward_sequence)
-            self._in_step = grad
-            self._pass_clock = time.monotonic()
-            # Exact clipping runs backward twice with every unit streamed in between: a kept graph
-            # would pin the head through the first pass, beyond the minimum budget. Recompute then.
-            two_pass = self._two_pass_clipping()
-            for seg in self.segments:
-                seg.keep_graph = seg.may_keep_graph and not two_pass
+        if grad and not self._in_step:
+            self._begin_step()  # the step's first segment with grad (the embedding, unless inputs_embeds)
+        elif segment is self.segments[0]:
+            if grad:
+                self._another_forward()
+            elif not self._in_step:
+                self.scheduler.begin_pass(self._forward_sequence)  # an evaluation or generation pass
+        if self._kept_pins and not segment.may_keep_graph:
+            # Another forward runs before backward: a kept head graph would keep its units pinned
+            # beside everything that forward needs. Its backward recomputes instead (segments.py).
+            self._drop_kept_graphs()
         if self._trim == "step" and segment is self._head_first:
             release_freed_heap(self.heap_keep)  # ahead of the step's peak (logits and their gradient)
         self.scheduler.acquire(segment.needs)
@@ -479,9 +481,30 @@ class Runtime(SegmentHooks):
                 info.uses_total += 1
                 info.uses_left += 1
 
-    def segment_forward_end(self, segment: Segment, grad: bool) -> None:
-        if grad and segment.keep_graph:
-            self._kept_pins.append(segment)  # its graph points into these units' buffers until its backward
+    def _begin_step(self) -> None:
+        self._in_step = True
+        self._forwards = 1
+        self._pass_clock = time.monotonic()
+        self._set_keep_graph()
+        self.scheduler.begin_pass(self._train_sequence)
+
+    def _another_forward(self) -> None:
+        """A second (third, ...) training forward before `backward`: a loss over several forwards
+        (contrastive, preference pairs). Every use counts; the scheduler now expects this forward,
+        then the backward of all of them."""
+        self._forwards += 1
+        self.scheduler.begin_pass(self._forward_sequence + self._backward_sequence * self._passes * self._forwards)
+
+    def _set_keep_graph(self) -> None:
+        # Exact clipping runs backward twice with every unit streamed in between: a kept graph
+        # would pin the head through the first pass, beyond the minimum budget. Recompute then.
+        two_pass = self._two_pass_clipping()
+        for seg in self.segments:
+            seg.keep_graph = seg.may_keep_graph and not two_pass
+
+    def segment_forward_end(self, segment: Segment, grad: bool, kept: KeptGraph | None = None) -> None:
+        if kept is not None:
+            self._kept_pins.append((segment, kept))  # its graph points into these units' buffers until its backward
         else:
             self.scheduler.release(segment.needs)
         if self._trim == "unit":
@@ -510,10 +533,11 @@ class Runtime(SegmentHooks):
         if self._mode != "norm":
             self.scheduler.ensure_writable(segment.needs)  # the update writes into these buffers
 
-    def segment_backward_end(self, segment: Segment) -> None:
+    def segment_backward_end(self, segment: Segment, kept: KeptGraph | None = None) -> None:
         self.scheduler.release(segment.needs)
-        if segment in self._kept_pins and self._mode != "norm":  # exact clipping's second pass needs the graph too
-            self._kept_pins.remove(segment)
+        entry = next((e for e in self._kept_pins if e[1] is kept), None) if kept is not None else None
+        if entry is not None and self._mode != "norm":  # exact clipping's second pass needs the graph too
+            self._kept_pins.remove(entry)
             self.scheduler.release(segment.needs)
         if self._trim == "unit" or segment is self.segments[0]:
             release_freed_heap(self.heap_keep)
@@ -529,17 +553,43 @@ class Runtime(SegmentHooks):
             return
         if unit.name in self._unit_sq_norm:
             coef = min(1.0, self.rule.clip_grad_norm / (math.sqrt(self._unit_sq_norm.pop(unit.name)) + 1e-6))
-            for param, *_ in unit.params:
-                info = self._params[param]
-                if info.held is not None:
-                    grad, info.held = info.held, None
-                    self._apply(param, info, grad.mul_(coef))
+            self.scheduler.pin_resident(unit.name)  # resident already, unless the budget needed it meanwhile
+            try:
+                for param, *_ in unit.params:
+                    info = self._params[param]
+                    if info.held is not None:
+                        grad, info.held = info.held, None
+                        unit.held_grads -= 1
+                        self._apply(param, info, grad.mul_(coef))
+            finally:
+                self.scheduler.release([unit.name])
         if unit.dirty:
             unit.settled = True  # its updates of this step are complete: it may now be written and evicted
             # Write now, overlapping the rest of backward, if this step commits or the unit will be
             # evicted before its next use anyway; otherwise it stays in memory, unwritten, until then.
             if unit.state is UnitState.RESIDENT and (self._commit_due or self.scheduler.likely_evicted(unit.name)):
                 self.scheduler.write_back(unit.name)
+
+    def _settle_pass(self) -> None:
+        """End of a backward pass: what the loss did not reach is complete too.
+
+        A loss need not reach every use of every parameter: a loss on hidden states never reaches
+        the lm_head (so a tied embedding gets one of its two gradients), a loss on block 0's output
+        none of the later blocks, a frozen parameter gets none at all. A parameter holding a partial
+        sum has all the gradient it will get: it is applied now, as torch.optim would apply it. A
+        parameter with no gradient is left alone (torch.optim skips it). Units whose segments got
+        no backward are finished (held per-unit-clipped gradients applied, written when due)."""
+        for param, info in self._params.items():
+            if info.pending:
+                self.scheduler.pin_resident(info.unit.name)
+                try:
+                    self._consume_grad(param, info)
+                finally:
+                    self.scheduler.release([info.unit.name])
+        for name, left in self._outstanding.items():
+            if left:
+                self._outstanding[name] = 0
+                self._maybe_finish_unit(self.scheduler.units[name])
 
     # ---- the fused update ----------------------------------------------------------------------
     def _on_grad(self, param: torch.Tensor) -> None:
@@ -556,6 +606,11 @@ class Runtime(SegmentHooks):
                 info.pending = True
                 unit.pending_grads += 1
             return
+        self._consume_grad(param, info)
+
+    def _consume_grad(self, param: torch.Tensor, info: _ParamInfo) -> None:
+        """`param`'s gradient for this pass is complete: check it, then clip, accumulate or apply it."""
+        unit = info.unit
         if info.pending:
             info.pending = False
             unit.pending_grads -= 1
@@ -593,6 +648,7 @@ class Runtime(SegmentHooks):
         if norm is not None and self.rule.clip_mode == "unit":
             self._unit_sq_norm[unit.name] = self._unit_sq_norm.get(unit.name, 0.0) + float(norm) ** 2
             info.held = grad
+            unit.held_grads += 1  # the unit stays resident until they are applied
             return
         if norm is not None:
             self._norms.append(norm)  # this step's norm, for clip_mode="previous"
@@ -690,6 +746,7 @@ class Runtime(SegmentHooks):
                     self._mode = "norm"
                     self._norms = []
                     scaled.backward(retain_graph=True)
+                    self._settle_pass()
                     grad_norm = float(torch.norm(torch.stack(self._norms), 2.0)) if self._norms else 0.0
                     self._clip_coef = min(1.0, clip / (grad_norm + 1e-6))
                     # The second pass sees every use and every segment again.
@@ -701,6 +758,7 @@ class Runtime(SegmentHooks):
                 self._mode = "update"
                 self._norms = []
                 scaled.backward()
+            self._settle_pass()
         except _StepFailed:
             return self._drop(self._failed or "non-finite gradient", time.perf_counter() - started)
         except BaseException:
@@ -779,14 +837,19 @@ class Runtime(SegmentHooks):
                           committed_step=self.store.step, rolled_back=undone,
                           loss_scale=None if self.scaler is None else self.scaler.scale)
 
-    def _release_kept(self) -> None:
-        """Unpin the units of keep_graph segments whose backward never ran (dropped, abandoned)."""
-        for segment in self._kept_pins:
+    def _drop_kept_graphs(self) -> bool:
+        """Unpin the units of keep_graph segments whose backward has not run (the step ended, was
+        dropped, or the budget needs their room: a loss that never reaches the logits leaves the
+        head's graph unused); a backward still to come recomputes. Whether any was dropped."""
+        dropped = bool(self._kept_pins)
+        for segment, kept in self._kept_pins:
+            kept.drop()
             self.scheduler.release(segment.needs)
         self._kept_pins = []
+        return dropped
 
     def _end_pass(self) -> None:
-        self._release_kept()
+        self._drop_kept_graphs()
         self._in_step = False
         self._failed = None
         self._touched = False
@@ -802,6 +865,10 @@ class Runtime(SegmentHooks):
             info.pending = False
             info.held = None
             param.grad = None
+        for unit in self.scheduler.units.values():
+            unit.pending_grads = unit.held_grads = 0
+        self._forwards = 0
+        self._set_keep_graph()  # for the next step: whether it clips in two passes is known now
 
     def _abandon_step(self) -> int:
         """Drop the current step (every micro-batch of it): no unit keeps any part of its update.
@@ -811,7 +878,7 @@ class Runtime(SegmentHooks):
         since: their count is returned, `self.step` is the committed step again.
         """
         undone = 0
-        self._release_kept()
+        self._drop_kept_graphs()
         if self._touched or self._accumulating:
             self.scheduler.rollback()
             self.store.discard_uncommitted()

@@ -36,7 +36,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -67,6 +67,7 @@ class Unit:
     bound: bool = False
     pins: int = 0                                  # segments running with this unit right now
     pending_grads: int = 0                         # gradients accumulated but not yet applied
+    held_grads: int = 0                            # complete gradients held for the unit's clip norm (clip_mode="unit")
     updated: bool = False                          # weights or state changed since the last commit
     dirty: bool = False                            # changed since its last write-back began
     settled: bool = True                           # every update of this step is applied (a dirty unit may be written)
@@ -119,6 +120,9 @@ class Scheduler:
         self._inflight: set[str] = set()  # units with a read or write future (poll scans only these)
         self._count_waits = True
         self.generation = 1  # the uncommitted generation this commit interval writes (the runtime sets it)
+        # Called when a required load finds nothing evictable: the runtime releases pins it can do
+        # without (a kept head graph) and returns whether it released any.
+        self.on_pressure: Callable[[], bool] | None = None
 
     # ---- the access sequence -------------------------------------------------------------
     def begin_pass(self, sequence: Sequence[str]) -> None:
@@ -160,6 +164,18 @@ class Scheduler:
                 self.units[name].pins -= 1
             raise
         self.prefetch()
+
+    def pin_resident(self, name: str) -> None:
+        """Make `name` resident, bound and writable for an update outside any segment (gradients a
+        pass left pending), pinned until `release`. The access sequence's cursor does not move."""
+        unit = self.units[name]
+        unit.pins += 1
+        try:
+            self._make_resident(unit)
+            self.ensure_writable([name])
+        except BaseException:
+            unit.pins -= 1
+            raise
 
     def release(self, names: Sequence[str]) -> None:
         for name in names:
@@ -263,6 +279,7 @@ class Scheduler:
             unit.state in (UnitState.RESIDENT, UnitState.WRITING)
             and unit.pins == 0
             and unit.pending_grads == 0
+            and unit.held_grads == 0
             and (not unit.dirty or (allow_dirty and unit.settled))
         )
 
@@ -303,14 +320,25 @@ class Scheduler:
                     self._wait(busy[-1])
                     self._finish_load(busy[-1])
                     continue
+                if self.on_pressure is not None and self.on_pressure():
+                    continue  # the runtime gave up pins it could do without (kept graphs)
+                # Last resort: a unit holding gradients not yet applied, or updated part-way through
+                # this step. A loss whose uses of a weight come far apart in backward (two forwards)
+                # would otherwise pin every unit. Its gradients stay in memory; it is written if
+                # dirty, and read back when they are applied.
+                holding = [u for u in self.units.values()
+                           if u.state in (UnitState.RESIDENT, UnitState.WRITING) and u.pins == 0]
+                if holding:
+                    self._evict(max(holding, key=lambda u: self._next_use(u.name)))
+                    continue
                 held = [
                     f"{u.name} ({'pending gradient' if u.pending_grads else 'in use'})"
                     for u in self.units.values() if u.state is not UnitState.ON_DISK
                 ]
                 raise DoesNotFit(
-                    f"weights budget {format_size(self.weights_budget)} cannot hold a unit of {format_size(nbytes)}"
+                    f"weights budget {format_size(self.weights_budget, 'down')} cannot hold a unit of {format_size(nbytes, 'up')}"
                     + (f" beside {', '.join(held)}" if held else "")
-                    + f"; raise the budget to at least {format_size(self._resident_bytes() + nbytes)}"
+                    + f"; raise the budget to at least {format_size(self._resident_bytes() + nbytes, 'up')}"
                 )
             victim = max(candidates, key=lambda u: self._next_use(u.name))
             self._evict(victim)
@@ -345,6 +373,8 @@ class Scheduler:
         self._count_waits = False
         try:
             for unit in self.units.values():
+                if unit.pending_grads or unit.held_grads:
+                    raise RuntimeError(f"internal error: unit {unit.name} holds gradients not applied at a commit")
                 if unit.dirty:
                     if not unit.settled or unit.state is UnitState.ON_DISK:
                         raise RuntimeError(f"internal error: unit {unit.name} has updates in memory that cannot be committed")
@@ -465,7 +495,7 @@ class Scheduler:
                 unit.dirty = False
                 unit.written = None
             unit.settled = True
-            unit.pending_grads = 0
+            unit.pending_grads = unit.held_grads = 0
 
     def close(self) -> None:
         try:
@@ -476,7 +506,7 @@ class Scheduler:
             for unit in self.units.values():
                 if unit.state is not UnitState.ON_DISK:
                     unit.pins = 0
-                    unit.pending_grads = 0
+                    unit.pending_grads = unit.held_grads = 0
                     if unit.bound:
                         self._unbind(unit)
                     self.pool.release(unit.buffer)

@@ -57,9 +57,34 @@ class SegmentHooks:
     """What a segment calls back into (the runtime implements it)."""
 
     def segment_forward_begin(self, segment: Segment, grad: bool) -> None: ...
-    def segment_forward_end(self, segment: Segment, grad: bool) -> None: ...
+
+    def segment_forward_end(self, segment: Segment, grad: bool, kept: "KeptGraph | None" = None) -> None:
+        """`kept`: the forward kept its graph (keep_graph); its units must stay resident until
+        `kept.drop()` or the matching backward."""
+
     def segment_backward_begin(self, segment: Segment) -> None: ...
-    def segment_backward_end(self, segment: Segment) -> None: ...
+
+    def segment_backward_end(self, segment: Segment, kept: "KeptGraph | None" = None) -> None:
+        """`kept`: this backward went through the graph its forward kept."""
+
+
+class KeptGraph:
+    """The graph a keep_graph segment's forward kept, until its backward or `drop()`.
+
+    `drop()` turns that segment's backward into the ordinary recompute (from the
+    inputs every segment saves), so the runtime can let its units go when the
+    step needs the memory for something else (a second forward before backward)."""
+
+    def __init__(self, inputs: list[Any], edges: list[Any]) -> None:
+        self.inputs: list[Any] | None = inputs
+        self.edges: list[Any] | None = edges
+
+    @property
+    def alive(self) -> bool:
+        return self.inputs is not None
+
+    def drop(self) -> None:
+        self.inputs = self.edges = None
 
 
 class _SegmentFunction(torch.autograd.Function):
@@ -80,14 +105,16 @@ class _SegmentFunction(torch.autograd.Function):
             try:
                 with torch.enable_grad():
                     out = segment.forward(*args, **kwargs)
-            finally:
+            except BaseException:
                 hooks.segment_forward_end(segment, grad=True)
+                raise
             # Keep the graph, not the outputs: a gradient edge holds the node, not the logits' storage
             # (201 MB on the demo), which the caller may drop once the loss is computed.
             edges = [get_gradient_edge(x) if x.requires_grad else None
                      for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
-            ctx.kept = (inputs, edges)
+            ctx.kept = KeptGraph(inputs, edges)
             out = pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, out)
+            hooks.segment_forward_end(segment, grad=True, kept=ctx.kept)
         else:
             args, kwargs = pytree.tree_unflatten(list(flat), spec)
             hooks.segment_forward_begin(segment, grad=True)
@@ -107,7 +134,7 @@ class _SegmentFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs: torch.Tensor):  # type: ignore[override]
         segment, hooks = ctx.segment, ctx.hooks
-        if ctx.kept is not None:
+        if ctx.kept is not None and ctx.kept.alive:
             return _backward_kept(ctx, grad_outputs)
         saved = ctx.saved_tensors
         flat = list(ctx.others)
@@ -148,8 +175,8 @@ def _backward_kept(ctx, grad_outputs: tuple[torch.Tensor, ...]):
 
     retain_graph: exact norm clipping runs backward twice, and each pass must find the graph.
     It is freed with `ctx`, when the outer graph goes."""
-    segment, hooks = ctx.segment, ctx.hooks
-    inputs, edges = ctx.kept
+    segment, hooks, kept = ctx.segment, ctx.hooks, ctx.kept
+    inputs, edges = kept.inputs, kept.edges
     hooks.segment_backward_begin(segment)
     try:
         pairs = [(e, g) for e, g in zip(edges, grad_outputs) if g is not None and e is not None]
@@ -160,7 +187,7 @@ def _backward_kept(ctx, grad_outputs: tuple[torch.Tensor, ...]):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], retain_graph=True)
     finally:
-        hooks.segment_backward_end(segment)
+        hooks.segment_backward_end(segment, kept=kept)
     grads = [x.grad if isinstance(x, torch.Tensor) and x.requires_grad and ctx.needs_input_grad[_LEADING + i] else None
              for i, x in enumerate(inputs)]
     return (*([None] * _LEADING), *grads)

@@ -6,6 +6,7 @@ binary, matching what most tools print.
 """
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import UserError
@@ -33,11 +34,27 @@ def parse_size(value: str | int | float, what: str = "size") -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def format_size(nbytes: int | float) -> str:
-    """Format bytes with a binary suffix, three significant figures."""
+def format_size(nbytes: int | float, rounding: str = "nearest") -> str:
+    """Format bytes with a binary suffix, three significant figures (four from 1000 up to 1024).
+
+    `rounding="up"` for an amount something needs, `"down"` for one that is available, so that a
+    message comparing them never prints "125 MiB is below the 125 MiB it needs".
+    """
     value = float(nbytes)
     for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or suffix == "TiB":
-            return f"{value:.0f} {suffix}" if suffix == "B" else f"{value:.3g} {suffix}"
+            break
         value /= 1024
-    raise AssertionError("unreachable")
+    if suffix == "B" or abs(value) >= 100:
+        step = 1.0
+    else:
+        step = 10.0 ** (math.floor(math.log10(abs(value))) - 2) if value else 1.0
+    if rounding == "up":
+        value = math.ceil(round(value / step, 6)) * step
+    elif rounding == "down":
+        value = math.floor(round(value / step, 6)) * step
+    elif rounding != "nearest":
+        raise ValueError(f"rounding must be 'nearest', 'up' or 'down', got {rounding!r}")
+    if suffix == "B" or abs(value) >= 100:
+        return f"{value:.0f} {suffix}"
+    return f"{value:.3g} {suffix}"

@@ -173,9 +173,9 @@ def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) ->
     if run.weights_budget is not None:
         if run.weights_budget < floor:
             raise DoesNotFit(
-                f"weights budget {format_size(run.weights_budget)} is below the {format_size(floor)} one step "
-                f"needs at once (largest unit, plus the tied embedding's pending gradient); raise it to at least "
-                f"{format_size(floor)}")
+                f"weights budget {format_size(run.weights_budget, 'down')} is below the {format_size(floor, 'up')} "
+                f"one step needs at once (largest unit, plus the tied embedding's pending gradient); raise it to at "
+                f"least {format_size(floor, 'up')}")
         wbudget, res = run.weights_budget, simulate(spec, run.weights_budget, run.prefetch_depth)
     else:
         wbudget, res = _weights_budget_for(spec, run, fixed, budget, floor)
@@ -217,15 +217,15 @@ def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) ->
     if not res.feasible:
         reasons.append(f"weights budget {format_size(wbudget)}: {res.blocked}")
     if peak_device > budget:
-        reasons.append(f"peak {format_size(peak_device)} exceeds the {format_size(budget)} budget")
+        reasons.append(f"peak {format_size(peak_device, 'up')} exceeds the {format_size(budget, 'down')} budget")
     if run.device == "cuda" and peak_host > machine.host_memory_bytes:
-        reasons.append(f"host peak {format_size(peak_host)} exceeds {format_size(machine.host_memory_bytes)}")
+        reasons.append(f"host peak {format_size(peak_host, 'up')} exceeds {format_size(machine.host_memory_bytes, 'down')}")
     if machine.nvme_free_bytes is not None and nvme > machine.nvme_free_bytes:
-        reasons.append(f"working store needs {format_size(nvme)}, {format_size(machine.nvme_free_bytes)} free")
+        reasons.append(f"working store needs {format_size(nvme, 'up')}, {format_size(machine.nvme_free_bytes, 'down')} free")
     fits = not reasons
     min_peak = fixed + simulate(spec, floor, run.prefetch_depth).pool_bytes
     suggestion = "" if fits else (
-        f"smallest budget that runs this job: {format_size(min_peak)} (weights budget {format_size(floor)}); "
+        f"smallest budget that runs this job: {format_size(min_peak, 'up')} (weights budget {format_size(floor, 'up')}); "
         f"or lower --batch-size / --seq-len")
 
     placement = {u.name: ("resident" if u.name in res.resident_units else "streamed") for u in spec.units}
