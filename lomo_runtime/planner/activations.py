@@ -105,7 +105,14 @@ def _hf_config(spec: ModelSpec, layers: int):
     from transformers import AutoConfig
 
     config = {k: v for k, v in spec.config.items() if k not in ("architectures", "transformers_version")}
-    config[spec.arch.config_keys["num_layers"][0]] = layers
+    key = spec.arch.config_keys["num_layers"][0]
+    full = config[key] if isinstance(config.get(key), int) else spec.dims.num_layers
+    config[key] = layers
+    # Per-layer lists (`layer_types` of Qwen2/Qwen3/Gemma 2-3: one attention kind per layer; also
+    # `no_rope_layers`) must match the layer count, which transformers checks: keep the first `layers`.
+    for name, value in list(config.items()):
+        if isinstance(value, list) and len(value) == full and full != layers:
+            config[name] = value[:layers]
     hf = AutoConfig.for_model(**config)
     hf.use_cache = False
     return hf
