@@ -221,7 +221,7 @@ def _simulate_training(sched: Scheduler, store: FakeStore, rng: random.Random, b
                        commit_every: int) -> dict[str, int]:
     """Drive the scheduler the way the runtime does for a tied model (embed, blocks, head needing the
     embedding): forward segments, then backward with an update per segment, write-backs of units
-    Belady will evict, the tied embedding pending from the head's backward to its own, polls in
+    Belady will evict (most of them: the others are written when a needed load evicts them), the tied embedding pending from the head's backward to its own, polls in
     between, commits every `commit_every` steps. Returns each unit's update count."""
     segs = [("embed", ["embed"])] + [(f"block.{i}", [f"block.{i}"]) for i in range(blocks)] + [("head", ["head", "embed"])]
     forward = [n for _, needs in segs for n in needs]
@@ -248,7 +248,9 @@ def _simulate_training(sched: Scheduler, store: FakeStore, rng: random.Random, b
                 time.sleep(rng.random() * 0.001)
             sched.release(needs)
             unit = sched.units[owner]
-            if unit.pending_grads == 0 and unit.state is UnitState.RESIDENT and sched.likely_evicted(owner):
+            # Mostly as the runtime does; sometimes not, so needed loads also evict dirty units (written first).
+            if (unit.pending_grads == 0 and unit.state is UnitState.RESIDENT and sched.likely_evicted(owner)
+                    and rng.random() < 0.7):
                 sched.write_back(owner)
         if (step + 1) % commit_every == 0:
             sched.flush()
