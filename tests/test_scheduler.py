@@ -150,6 +150,35 @@ def test_eviction_while_a_unit_is_being_written(tmp_path: Path) -> None:
         sched.close()
 
 
+def test_an_update_waits_for_the_write_in_flight(tmp_path: Path) -> None:
+    """A unit being written is updated again (its next backward use): `ensure_writable` waits for the
+    write, so the file holds the bytes of the moment the write began (the real store checksums them
+    while writing: a buffer changed under it would be a torn, mis-checksummed file)."""
+    sizes = {"a": 2 * KB}
+    sched, store, pool = _scheduler(sizes, budget=None)
+    try:
+        sched.begin_pass(["a", "a"])
+        sched.acquire(["a"])
+        _update(sched, "a", 7)
+        store.gate["a"] = threading.Event()
+        sched.write_back("a")
+        threading.Timer(0.2, store.gate["a"].set).start()
+        started = time.perf_counter()
+        _update(sched, "a", 9)  # ensure_writable first, as the runtime's segment_backward_begin does
+        assert time.perf_counter() - started >= 0.15
+        first = [data for (name, _, _), data in store.files.items() if name == "a"]
+        assert len(first) == 1 and bool((first[0] == 7).all()), "the write saw bytes changed under it"
+        sched.release(["a"])
+        sched.flush()
+        store.commit(sched.written_records())
+        sched.committed()
+        assert bool((store.committed["a"] == 9).all())
+    finally:
+        for gate in store.gate.values():
+            gate.set()
+        sched.close()
+
+
 def test_failed_write_reaped_by_poll_keeps_the_bytes_and_retries(tmp_path: Path) -> None:
     """`poll()` (every gradient hook calls it) reaps a failed write: the error surfaces there, the unit
     stays resident and dirty with its bytes intact, and the next flush writes them."""
