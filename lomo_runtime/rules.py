@@ -46,6 +46,7 @@ class UpdateContext:
 
     lr: float
     step: int  # 1-based: the number of updates this tensor has received, including this one
+    decay: bool = True  # apply the rule's weight decay to this tensor (trainers exempt biases and norms)
 
 
 class UpdateRule(Protocol):
@@ -87,7 +88,7 @@ class SGD:
         return {}
 
     def apply(self, work: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], ctx: UpdateContext) -> None:
-        if self.weight_decay:
+        if self.weight_decay and ctx.decay:
             work.mul_(1.0 - ctx.lr * self.weight_decay)
         work.add_(grad, alpha=-ctx.lr)
 
@@ -121,12 +122,13 @@ class AdamW:
     def apply(self, work: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], ctx: UpdateContext) -> None:
         beta1, beta2 = self.betas
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        weight_decay = self.weight_decay if ctx.decay else 0.0
         if self.fused:
             from .native import adamw_native
 
-            if adamw_native(work, grad, exp_avg, exp_avg_sq, ctx.lr, self.betas, self.eps, self.weight_decay, ctx.step):
+            if adamw_native(work, grad, exp_avg, exp_avg_sq, ctx.lr, self.betas, self.eps, weight_decay, ctx.step):
                 return
-        work.mul_(1 - ctx.lr * self.weight_decay)
+        work.mul_(1 - ctx.lr * weight_decay)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1 ** ctx.step
@@ -181,7 +183,7 @@ class AdaLomo:
             update = sq.rsqrt().mul_(grad)
         update.div_((_rms(update) / self.clip_threshold).clamp_(min=1.0))
         lr = ctx.lr * max(self.eps[1], float(_rms(work)))
-        if self.weight_decay:
+        if self.weight_decay and ctx.decay:
             work.mul_(1.0 - lr * self.weight_decay)
         work.add_(update, alpha=-lr)
 

@@ -250,6 +250,9 @@ class Runtime(SegmentHooks):
             self.scaler.scale = self.store.meta["loss_scaler"]["scale"]
             self.scaler.good_steps = self.store.meta["loss_scaler"]["good_steps"]
         self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
+        # Parameter names the rule's weight decay skips (the HF Trainer drop-in passes biases and
+        # norms, as transformers.Trainer's optimizer groups do); empty: every weight decays.
+        self.no_weight_decay: set[str] = set()
         self.track_gradients = False  # tests set it to record max_grads_alive
         self.max_grads_alive = 0      # largest number of parameters holding a gradient at once
 
@@ -658,7 +661,7 @@ class Runtime(SegmentHooks):
 
     def _apply(self, param: torch.Tensor, info: _ParamInfo, grad: torch.Tensor) -> None:
         """Run the rule on fp32 values and store the result in the parameter's dtype."""
-        ctx = UpdateContext(lr=self._lr, step=self.step + 1)
+        ctx = UpdateContext(lr=self._lr, step=self.step + 1, decay=info.name not in self.no_weight_decay)
         weight = param.data
         with torch.no_grad():
             if weight.dtype == torch.float32:
