@@ -56,7 +56,8 @@ from .rules import SGD, UpdateContext, UpdateRule
 from .scheduler import Scheduler, Unit, UnitState
 from .segments import KeptGraph, Segment, SegmentHooks, wrap_segment
 from .sizes import format_size, parse_size
-from .skeleton import build_skeleton
+from .lora import LoraAdapters, LoraSettings
+from .skeleton import build_skeleton, unbind
 from .staging import StagingPool
 from .store import WorkingStore, dtype_name, layout, tensor_views
 
@@ -253,6 +254,7 @@ class Runtime(SegmentHooks):
         # Parameter names the rule's weight decay skips (the HF Trainer drop-in passes biases and
         # norms, as transformers.Trainer's optimizer groups do); empty: every weight decays.
         self.no_weight_decay: set[str] = set()
+        self.adapters: LoraAdapters | None = None  # add_lora
         self.track_gradients = False  # tests set it to record max_grads_alive
         self.max_grads_alive = 0      # largest number of parameters holding a gradient at once
 
@@ -704,7 +706,7 @@ class Runtime(SegmentHooks):
         return self.commit_interval_s is not None and time.monotonic() - self._last_commit_time >= self.commit_interval_s
 
     def backward(self, loss: torch.Tensor, lr: float | None = None, commit_meta: dict | None = None,
-                 accumulate: bool = False) -> StepResult:
+                 accumulate: bool = False, adapter_lr: float | None = None) -> StepResult:
         """Backpropagate `loss`, updating every parameter inside backward; commit when due.
 
         `lr` overrides the rule's learning rate for this step (schedules);
@@ -723,7 +725,13 @@ class Runtime(SegmentHooks):
         unit went back to the last commit, and the caller replays the batches of
         steps `result.step` .. `result.step + result.rolled_back - 1` (their
         outcomes are deterministic) before going on past the dropped batch.
+
+        With LoRA adapters (`add_lora`), they take one AdamW step after a good
+        backward, at `adapter_lr` (default: their lr scaled as `lr` scales the rule's).
         """
+        if self.adapters is None and self.store.meta.get("adapters"):
+            raise UserError(f"{self.work_dir} was trained with LoRA adapters ({self.store.meta['adapters']}); "
+                            "resume with the same --lora-rank (Runtime.add_lora) so they are not lost")
         if not self._in_step:
             raise RuntimeError("backward() needs a training forward (grad enabled) through rt.model first")
         if accumulate and not self.grad_accumulation:
@@ -748,8 +756,12 @@ class Runtime(SegmentHooks):
                 if self._two_pass_clipping():
                     self._mode = "norm"
                     self._norms = []
+                    kept = None if self.adapters is None else {n: p.grad for n, p in self.adapters.params.items()}
                     scaled.backward(retain_graph=True)
                     self._settle_pass()
+                    if kept is not None:  # the norm pass must not add to the adapters' gradients
+                        for n, p in self.adapters.params.items():
+                            p.grad = kept[n]
                     grad_norm = float(torch.norm(torch.stack(self._norms), 2.0)) if self._norms else 0.0
                     self._clip_coef = min(1.0, clip / (grad_norm + 1e-6))
                     # The second pass sees every use and every segment again.
@@ -776,6 +788,16 @@ class Runtime(SegmentHooks):
             return StepResult(step=self.step, dropped=False, accumulated=True, committed_step=self.store.step,
                               backward_s=backward_s)
         self._accumulating = False
+        if self.adapters is not None:
+            grads = [p.grad for p in self.adapters.params.values() if p.grad is not None]
+            if grads and not math.isfinite(float(sum(g.float().sum() for g in grads))):
+                return self._drop("non-finite adapter gradient", backward_s)
+            if self.scaler is not None:
+                for g in grads:
+                    g.div_(self.scaler.scale)
+            if adapter_lr is None:
+                adapter_lr = self.adapters.settings.lr * (self._lr / self.rule.lr if self.rule.lr else 1.0)
+            self.adapters.step(adapter_lr)
         if self.rule.clip_grad_norm and self.rule.clip_mode == "previous" and self._norms:
             self._last_norm = float(torch.norm(torch.stack(self._norms), 2.0))
         if self.scaler is not None:
@@ -809,7 +831,11 @@ class Runtime(SegmentHooks):
             meta["loss_scaler"] = self.scaler.state()
         if self._last_norm is not None:
             meta["last_grad_norm"] = self._last_norm
+        if self.adapters is not None:
+            meta["adapters"] = self.adapters.write(self.work_dir, self.step)
         self.store.commit(self.step, self.scheduler.written_records(), meta)
+        if self.adapters is not None:
+            self.adapters.committed(self.work_dir, meta["adapters"])
         self.scheduler.committed()
         self._generation += 1
         self.scheduler.generation = self._generation
@@ -827,7 +853,8 @@ class Runtime(SegmentHooks):
             raise RuntimeError("commit() between steps only: the current forward's backward() has not run")
         if self._accumulating:
             raise RuntimeError("commit() between steps only: micro-batches of the current step are accumulated")
-        if self.step != self.store.step or any(u.updated for u in self.scheduler.units.values()):
+        if self.step != self.store.step or any(u.updated for u in self.scheduler.units.values()) or (
+                self.adapters is not None and self.store.meta.get("adapters") is None):
             self._commit()
         return self.store.step
 
@@ -882,6 +909,8 @@ class Runtime(SegmentHooks):
         """
         undone = 0
         self._drop_kept_graphs()
+        if self.adapters is not None:
+            self.adapters.zero_grad()
         if self._touched or self._accumulating:
             self.scheduler.rollback()
             self.store.discard_uncommitted()
@@ -891,6 +920,8 @@ class Runtime(SegmentHooks):
             self._accumulating = False
             self._generation += 1  # the discarded generation's files are gone; never reuse its number
             self.scheduler.generation = self._generation
+            if self.adapters is not None:
+                self.adapters.rollback()
         self._end_pass()
         return undone
 
@@ -900,10 +931,43 @@ class Runtime(SegmentHooks):
         self.commit()
         return ((name, t) for name, t in self.store.iter_tensors() if STATE_SEP not in name)
 
-    def export(self, out_dir: str | os.PathLike) -> Path:
-        """Write the committed weights in Hugging Face layout (config, tokenizer, sharded safetensors)."""
+    def add_lora(self, settings: LoraSettings) -> LoraAdapters:
+        """Train LoRA adapters (peft, AdamW, in memory) beside the fused update of every base weight.
+
+        Call it before the first step. On a resumed store that has adapters, their committed state
+        (and AdamW's) is loaded; its rank, alpha, dropout and targets must match."""
+        if self.adapters is not None:
+            raise RuntimeError("add_lora() was called already")
+        if self._in_step:
+            raise RuntimeError("add_lora() between steps only")
+        # peft reads a base layer's weight shape (GPT-2's Conv1D): give unbound parameters a
+        # zero-stride stand-in of the right shape, 4 bytes, while it builds the adapters.
+        stand_ins = []
+        for unit in self.scheduler.units.values():
+            if not unit.bound:
+                for param, dtype, shape, *_ in unit.params:
+                    param.data = torch.zeros((), dtype=dtype).expand(shape)
+                    stand_ins.append(param)
+        try:
+            self.adapters = LoraAdapters.inject(self.model, settings, seed=self.seed)
+        finally:
+            for param in stand_ins:
+                unbind(param)
+        name = self.store.meta.get("adapters")
+        if name:
+            where = f"--resume from {self.work_dir} (step {self.store.step})"
+            self.adapters.load_state(torch.load(self.work_dir / name, weights_only=False), where)
+        return self.adapters
+
+    def export(self, out_dir: str | os.PathLike, adapters: str = "merged") -> Path:
+        """Write the committed weights in Hugging Face layout (config, tokenizer, sharded safetensors).
+
+        With LoRA adapters: `adapters="merged"` writes W + B A * alpha / r in place of each adapted
+        weight; `"separate"` writes the trained base weights and a peft adapter in `out_dir/adapter`."""
         from .checkpoint.export import export_hf
 
+        if adapters not in ("merged", "separate"):
+            raise UserError(f"export adapters= must be 'merged' or 'separate', got {adapters!r}")
         out = Path(out_dir)
         self.commit()  # export what was trained, all of it
         # Export reads unit by unit and holds about one shard: free the resident units first and keep
@@ -914,8 +978,13 @@ class Runtime(SegmentHooks):
         largest = max(slot.nbytes for rec in self.store.units.values() for slot in rec.tensors)
         shard = max(largest, (self.weights_budget or 2 * 2**30) // 2)
         with self._work_progress(f"exporting to {out}") as shown:
-            export_hf(out, self.checkpoint.config, self.iter_weights(), self.model_dir, max_shard_bytes=shard,
+            weights = self.iter_weights()
+            if self.adapters is not None and adapters == "merged":
+                weights = self.adapters.merged(weights)
+            export_hf(out, self.checkpoint.config, weights, self.model_dir, max_shard_bytes=shard,
                       on_tensor=lambda name, n, done, total: shown.update(done, name, total_bytes=total))
+        if self.adapters is not None and adapters == "separate":
+            self.adapters.save_adapter(out / "adapter")
         return out
 
     def reset_peaks(self) -> None:
