@@ -1,6 +1,6 @@
 """Combinations of the numerical paths against torch written by hand: gradient accumulation with
-global-norm clipping ("exact" and "previous"), with AdamW and with tied weights; "unit" clipping
-under a weights budget that streams.
+global-norm clipping ("exact", "previous", "unit"), with AdamW and with tied weights; "unit" clipping
+under a weights budget that streams; "previous" clipping across a rollback.
 
 References: the Hugging Face model in memory, trained with torch's own accumulation recipe
 (each micro-batch loss divided by k, `.backward()` summing into `.grad`), then
@@ -185,5 +185,85 @@ def test_unit_clipping_under_a_streaming_budget_matches_torch(tmp_path: Path, ti
             assert not result.dropped and result.grad_norm is None  # one backward pass
         assert rt.scheduler.stats.peak_resident_bytes <= budget
         assert rt.scheduler.stats.reads > 4 * len(batches)  # units re-read within steps
+        trained = dict(rt.iter_weights())
+    _check(trained, ref, start)
+
+
+def test_accumulation_with_unit_clipping_matches_torch(tmp_path: Path) -> None:
+    """clip_mode="unit" on the accumulated gradient (tied, K=2, streamed): each unit's summed gradient
+    clipped by its own norm (clip_grad_norm_ per unit after torch's accumulation), then SGD."""
+    model_dir = make_tiny_model(tmp_path, arch="llama", tied=True)
+    steps = _steps(seed=21)
+    max_norm, lr = 0.05, 0.1
+    ref = _reference(model_dir)
+    start = {k: v.clone() for k, v in ref.state_dict().items()}
+    groups = [[p for n, p in ref.named_parameters() if any(n.startswith(x) for x in prefixes)] for prefixes in UNITS]
+    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    clipped = 0
+    for micro in steps:
+        opt.zero_grad()
+        for ids in micro:
+            (ref(input_ids=ids, labels=ids).loss / K).backward()
+        clipped += sum(float(torch.nn.utils.clip_grad_norm_(g, max_norm)) > max_norm for g in groups)
+        opt.step()
+    assert clipped >= 3
+
+    trained, results = _run(model_dir, tmp_path, SGD(lr=lr, clip_grad_norm=max_norm, clip_mode="unit"), steps)
+    assert all(r.grad_norm is None for r in results)
+    _check(trained, ref, start)
+
+
+def test_previous_clipping_after_a_rollback_uses_the_committed_norm(tmp_path: Path) -> None:
+    """"previous" clipping across a dropped step that rolls back (commit every 2): the retried steps
+    must use the norm of the step before them, as a run that never saw the bad batch. Reference:
+    torch with the previous-norm coefficient by hand, skipping the bad batch."""
+    model_dir = make_tiny_model(tmp_path, arch="llama", tied=False)
+    gen = torch.Generator().manual_seed(13)
+    shapes = [(2, 16), (1, 6), (3, 12), (2, 8), (1, 16)]
+    batches = [torch.randint(0, 128, shape, generator=gen) for shape in shapes]
+    bad = 3  # its gradient is NaN the first time (block 0, after the head and block 1 were updated)
+    max_norm, lr = 0.05, 0.1
+    ref = _reference(model_dir)
+    start = {k: v.clone() for k, v in ref.state_dict().items()}
+    params = list(ref.parameters())
+    prev = None
+    for i, ids in enumerate(batches):
+        if i == bad:
+            continue
+        ref(input_ids=ids, labels=ids).loss.backward()
+        norm = _global_norm(params)
+        coef = min(1.0, max_norm / ((norm if prev is None else prev) + 1e-6))
+        with torch.no_grad():
+            for p in params:
+                p.sub_(lr * coef * p.grad)
+                p.grad = None
+        prev = norm
+
+    rule = SGD(lr=lr, clip_grad_norm=max_norm, clip_mode="previous")
+    budget = _streaming_budget(model_dir, tmp_path, rule)
+    fired = []
+    with Runtime(model_dir, rule, work_dir=tmp_path / "run", weights_budget=budget, commit_every=2) as rt:
+        poison_param = rt.model.get_parameter("model.layers.0.mlp.down_proj.weight")
+        index = 0
+        positions = {}
+        while index < len(batches):
+            positions[rt.step] = index
+            ids = batches[index]
+            handle = None
+            if index == bad and not fired:
+                fired.append(rt.step)
+                handle = poison_param.register_hook(lambda g: torch.full_like(g, float("nan")))
+            result = rt.backward(rt.model(input_ids=ids, labels=ids).loss)
+            if handle is not None:
+                handle.remove()
+            index += 1
+            if result.dropped:
+                assert result.rolled_back == 1  # steps 1-2 committed, step 3 undone with the bad step 4
+                after = index
+                for step in range(result.step, result.step + result.rolled_back):
+                    replay = batches[positions[step]]
+                    assert not rt.backward(rt.model(input_ids=replay, labels=replay).loss).dropped
+                index = after
+        assert fired == [3] and rt.step == len(batches) - 1
         trained = dict(rt.iter_weights())
     _check(trained, ref, start)
