@@ -63,6 +63,13 @@ class TrainConfig:
     commit_every: int = 10               # make the step durable every N steps (and at the end, exports, exit)
     commit_interval: str | None = None   # ... or after this much time, whichever comes first: "10m", "90s", "1h"
     resume: bool = False
+    lora_rank: int = 0                   # LoRA adapters of this rank beside the fused update (0: none)
+    lora_alpha: float | None = None      # adapter scaling alpha / rank (default 2 x rank)
+    lora_dropout: float = 0.0
+    lora_lr: float = 1e-4                # the adapters' AdamW learning rate (follows --schedule)
+    lora_targets: str | None = None      # comma-separated module names (default: peft's for the model type)
+    lora_only: bool = False              # freeze every base weight: classic LoRA, streamed
+    lora_export: str = "merged"          # merged (W + BA) | separate (base model + OUT/model/adapter)
 
     def validate(self) -> "TrainConfig":
         """Check values a user can get wrong; raise UserError naming the setting."""
@@ -104,6 +111,17 @@ class TrainConfig:
         if self.clip_grad_norm is not None:
             _finite("clip_grad_norm", self.clip_grad_norm, minimum=0.0, strict=True)
         _positive_int("grad_accum_steps", self.grad_accum_steps)
+        _nonneg_int("lora_rank", self.lora_rank)
+        if self.lora_rank:
+            _finite("lora_lr", self.lora_lr, minimum=0.0)
+            if self.lora_alpha is not None:
+                _finite("lora_alpha", self.lora_alpha, minimum=0.0, strict=True)
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        elif self.lora_only:
+            raise UserError("--lora-only needs --lora-rank")
+        if self.lora_export not in ("merged", "separate"):
+            raise UserError(f"--lora-export must be merged or separate, got {self.lora_export!r}")
         for name in ("memory_budget", "weights_budget", "heap_keep"):
             if getattr(self, name) is not None:
                 parse_size(getattr(self, name), f"--{name.replace('_', '-')}")

@@ -931,8 +931,9 @@ class Runtime(SegmentHooks):
         self.commit()
         return ((name, t) for name, t in self.store.iter_tensors() if STATE_SEP not in name)
 
-    def add_lora(self, settings: LoraSettings) -> LoraAdapters:
-        """Train LoRA adapters (peft, AdamW, in memory) beside the fused update of every base weight.
+    def add_lora(self, settings: LoraSettings, train_base: bool = True) -> LoraAdapters:
+        """Train LoRA adapters (peft, AdamW, in memory) beside the fused update of every base weight,
+        or (`train_base=False`) instead of it: classic LoRA, the base weights frozen and streamed.
 
         Call it before the first step. On a resumed store that has adapters, their committed state
         (and AdamW's) is loaded; its rank, alpha, dropout and targets must match."""
@@ -953,6 +954,9 @@ class Runtime(SegmentHooks):
         finally:
             for param in stand_ins:
                 unbind(param)
+        if not train_base:
+            for param in self._params:
+                param.requires_grad_(False)
         name = self.store.meta.get("adapters")
         if name:
             where = f"--resume from {self.work_dir} (step {self.store.step})"

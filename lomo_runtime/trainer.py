@@ -33,6 +33,7 @@ from .config import TrainConfig, parse_duration
 from .data import Batches, load_examples, load_tokenizer, pack, pad_id_of, split_holdout, tokenize_examples, tokens_in
 from .errors import LomoError, UserError
 from .evaluation import ChoiceExample, ChoiceResult, load_choice_examples, score_choices
+from .lora import LoraSettings
 from .progress import MetricsWriter, Progress
 from .rules import rule_by_name
 from .runtime import Runtime
@@ -130,6 +131,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         commit_interval_s=parse_duration(cfg.commit_interval, "--commit-interval") if cfg.commit_interval else None,
     )
     with rt:
+        if cfg.lora_rank:
+            targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] if cfg.lora_targets else None
+            rt.add_lora(LoraSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                     target_modules=targets, lr=cfg.lora_lr), train_base=not cfg.lora_only)
         # Written only now, under the store's lock: a refused second run must not touch this run's files.
         (out / "config.yaml").write_text(cfg.to_yaml())
         _write_plan(rt, cfg, out)
@@ -179,7 +184,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     # What a crash between commit and the metrics line must not lose travels with the commit.
                     summary = {"step": step + 1, "loss": last_loss, "tokens": tokens, "loss_tokens": loss_tokens, "lr": lr}
                     with _phase(phases, "backward_s", stats):
-                        result = rt.backward(loss, lr=lr, accumulate=not final, commit_meta={
+                        result = rt.backward(loss, lr=lr, accumulate=not final, adapter_lr=cfg.lora_lr * lr / cfg.lr, commit_meta={
                             "trainer": {"batches": train_batches.state_dict(), "last_metrics": summary,
                                         "dropped_total": dropped_total}} if final else None)
                     phases["backward_s"] -= result.commit_s
@@ -244,7 +249,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                         "data, then continue with --resume"
                     )
                 if cfg.export_every and rt.step % cfg.export_every == 0 and not result.dropped:
-                    _export(rt, out / f"checkpoint-{rt.step}")  # commits first
+                    _export(rt, out / f"checkpoint-{rt.step}", cfg.lora_export)  # commits first
             rt.commit()
             if evaluated_at != rt.step:  # the last step's periodic eval already scored these weights
                 eval_loss = evaluate(rt, eval_batches, cfg.eval_batches)
@@ -258,7 +263,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         finally:
             progress.close()
             metrics.close()
-        model_dir = _export(rt, out / "model")
+        model_dir = _export(rt, out / "model", cfg.lora_export)
     return TrainResult(steps=cfg.steps, final_loss=last_loss, eval_loss=eval_loss, model_dir=model_dir)
 
 
@@ -294,12 +299,12 @@ def _recover_last_metrics(metrics: MetricsWriter, path: Path, state: dict | None
         metrics.write({**state["last_metrics"], "recovered": True})
 
 
-def _export(rt: Runtime, target: Path) -> Path:
+def _export(rt: Runtime, target: Path, adapters: str = "merged") -> Path:
     """Export to a temporary sibling and rename, so a crash never leaves a half-written model."""
     tmp = target.with_name(target.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    rt.export(tmp)
+    rt.export(tmp, adapters=adapters)
     if target.exists():
         old = target.with_name(target.name + ".old")
         if old.exists():

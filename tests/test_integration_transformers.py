@@ -218,3 +218,45 @@ def test_a_nan_gradient_rolls_back_replays_and_equals_committing_every_step(tmp_
     assert replayed.runtime.step == every.runtime.step == STEPS - 1
     for name, tensor in weights.items():
         assert torch.equal(tensor, reference[name]), name
+
+
+def test_lora_through_the_trainer_equals_sgd_plus_adamw_in_memory(tmp_path: Path) -> None:
+    """LomoRunTrainer(lora=...) against transformers.Trainer(optim="sgd") on the same model with the
+    same adapters injected: HF's SGD steps the base weights, a second AdamW (constant lr, as the
+    adapters' lr follows HF's constant schedule) steps the adapters."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from lomo_runtime.lora import LoraSettings
+
+    model_dir = make_tiny_model(tmp_path, arch="llama", tied=True)
+    settings = LoraSettings(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], lr=1e-2)
+    args = dict(lr_scheduler_type="constant", warmup_steps=0, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="none"), model)
+    base = [p for n, p in model.named_parameters() if ".lora_" not in n]
+    lora = [p for n, p in model.named_parameters() if ".lora_" in n]
+    for p in base:
+        p.requires_grad_(True)
+    adamw = torch.optim.AdamW(lora, lr=1e-2, weight_decay=0.0)
+
+    class StepAdapters(TrainerCallback):
+        def on_pre_optimizer_step(self, a, state, control, **kwargs):
+            adamw.step()
+            adamw.zero_grad(set_to_none=True)
+
+    hf = Trainer(model=model, args=_args(tmp_path / "hf", optim="sgd", **args), train_dataset=_dataset(),
+                 data_collator=default_data_collator, callbacks=[StepAdapters()],
+                 optimizers=(torch.optim.SGD(base, lr=0.05), None))
+    hf.train()
+    ref = {n.replace(".base_layer", ""): p.detach() for n, p in model.named_parameters()}
+    trainer = LomoRunTrainer(model=model_dir, args=_args(tmp_path / "ours", **args), train_dataset=_dataset(),
+                             data_collator=default_data_collator, weights_budget=_one_block(model_dir, tmp_path),
+                             lora=settings)
+    trainer.train()
+    assert _losses(trainer.state.log_history) == pytest.approx(_losses(hf.state.log_history), abs=TOL)
+    for name, p in trainer.runtime.adapters.params.items():
+        assert (p.detach() - ref[name]).abs().max().item() <= TOL, name
+    for name, tensor in trainer.runtime.iter_weights():
+        assert (tensor - ref[name]).abs().max().item() <= TOL, name
+    trainer.close()

@@ -46,6 +46,14 @@ from ..config import load_yaml, merge
 @click.option("--commit-every", type=int, help="Make the run durable every N steps (default 10; 1: every step).")
 @click.option("--commit-interval", help="Also commit when this much time has passed, e.g. 10m, 90s.")
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in OUT from its last committed step.")
+@click.option("--lora-rank", type=int, help="Also train LoRA adapters of this rank (AdamW, in memory) beside the fused update.")
+@click.option("--lora-alpha", type=float, help="Adapter scaling alpha / rank (default 2 x rank).")
+@click.option("--lora-dropout", type=float)
+@click.option("--lora-lr", type=float, help="The adapters' AdamW learning rate (default 1e-4; follows --schedule).")
+@click.option("--lora-targets", help="Comma-separated module names to adapt (default: peft's for the model type).")
+@click.option("--lora-only/--no-lora-only", default=None, help="Freeze the base weights: train only the adapters.")
+@click.option("--lora-export", type=click.Choice(["merged", "separate"]),
+              help="Export W + BA (default), or the trained base model plus OUT/model/adapter.")
 def train_command(config_file: str | None, **flags: object) -> None:
     """Fine-tune every parameter with fused LOMO updates, streaming weights within the budget."""
     from ..trainer import train

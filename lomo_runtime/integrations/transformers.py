@@ -26,6 +26,10 @@ since (kept in memory, token ids only) are replayed with their learning rates
 and RNG states, so the run continues as if the dropped step had been skipped.
 
 `save_model(dir)` exports the weights in Hugging Face layout (`Runtime.export`).
+`lora=LoraSettings(rank=...)` trains peft LoRA adapters (AdamW, in memory, at
+`lora.lr` scaled by HF's schedule) beside the fused update (`lora_only=True`:
+instead of it); `save_model` writes the merged model.
+
 What the runtime cannot honour (fp16/bf16 autocast, DeepSpeed, FSDP, torch.compile,
 HF activation checkpointing, another optimizer, more than one process, best-model
 reloading) is refused with one line naming the argument.
@@ -43,6 +47,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from ..errors import UserError
+from ..lora import LoraSettings
 from ..rules import UpdateRule, rule_by_name
 from ..runtime import Runtime
 from ..sizes import format_size
@@ -82,6 +87,8 @@ class LomoRunTrainer(Trainer):
         dtype: torch.dtype = torch.float32,
         clip_mode: str = "exact",
         seq_len: int | None = None,
+        lora: LoraSettings | None = None,
+        lora_only: bool = False,
         runtime_kwargs: dict[str, Any] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
@@ -102,6 +109,14 @@ class LomoRunTrainer(Trainer):
             memory_budget=memory_budget, seq_len=seq_len, batch_size=args.per_device_train_batch_size,
             dtype=dtype, grad_accumulation=args.gradient_accumulation_steps > 1, seed=args.seed,
             resume=self._store_existed, **extra)
+        try:
+            if lora is not None:
+                self.runtime.add_lora(lora, train_base=not lora_only)
+            elif lora_only:
+                raise UserError("LomoRunTrainer: lora_only=True needs lora=LoraSettings(rank=...)")
+        except BaseException:
+            self.runtime.close(commit=False)
+            raise
         self._replay: list[_MicroBatch] = []   # micro-batches since the last commit
         self._step_dropped = False             # a micro-batch of the current optimizer step was dropped
         self._grad_norm: float | None = None
@@ -109,8 +124,14 @@ class LomoRunTrainer(Trainer):
         self.dropped_steps: list[dict[str, Any]] = []  # what was dropped, when and why (also in log_history)
         try:
             super().__init__(model=self.runtime.model, args=args, **trainer_kwargs)
-            names = {name for name, _ in self.runtime.model.named_parameters()}
-            self.runtime.no_weight_decay = names - set(self.get_decay_parameter_names(self.runtime.model))
+            # HF's optimizer groups exempt biases and norms from weight decay; so does the fused rule.
+            # Names as the store has them (peft moves an adapted weight under `.base_layer`).
+            def canonical(name: str) -> str:
+                return name.replace(".base_layer", "")
+
+            names = {canonical(n) for n, _ in self.runtime.model.named_parameters() if ".lora_" not in n}
+            decayed = {canonical(n) for n in self.get_decay_parameter_names(self.runtime.model)}
+            self.runtime.no_weight_decay = names - decayed
         except BaseException:
             self.runtime.close(commit=False)
             raise
@@ -157,7 +178,11 @@ class LomoRunTrainer(Trainer):
             scaled = self.loss_is_scaled_for_ga
         if not scaled:  # as Trainer.training_step: a mean over the optimizer step's micro-batches
             loss = loss / record.accumulation_steps
-        result = self.runtime.backward(loss, lr=record.lr, accumulate=not record.last,
+        adapters = self.runtime.adapters
+        adapter_lr = None
+        if adapters is not None and self.args.learning_rate > 0:  # the adapters follow HF's schedule too
+            adapter_lr = adapters.settings.lr * record.lr / self.args.learning_rate
+        result = self.runtime.backward(loss, lr=record.lr, accumulate=not record.last, adapter_lr=adapter_lr,
                                        commit_meta={"hf_global_step": self.state.global_step + 1})
         return loss.detach(), result
 
