@@ -131,8 +131,10 @@ def store_report(store_dir: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- fork server
 
-_ZYGOTE = r"""
-import json, os, sys, traceback
+# What a fork server imports once (lazy modules included), before it says "ready"; the servers
+# here and in test_faults_crash_rules.py start with it.
+ZYGOTE_PRELUDE = r"""
+import json, os, signal, sys, traceback
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import torch, transformers, safetensors.torch
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast  # lazy modules: import once
@@ -145,6 +147,11 @@ except ImportError:
     pass
 from lomo_runtime.io import FAULTS
 sys.stdout.write("ready\n"); sys.stdout.flush()
+"""
+
+# The server's loop: fork a child per request, run the CLI in it (after `before_main(req)`, when a
+# server script defines one), report its pid, then its exit code.
+ZYGOTE_LOOP = r"""
 while True:
     line = sys.stdin.readline()
     if not line:
@@ -159,6 +166,8 @@ while True:
             os.dup2(log, 2)
             os.environ.update(req["env"])
             FAULTS.load_env()
+            if "before_main" in globals():
+                before_main(req)
             try:
                 cli.main(req["argv"])
             except SystemExit as exit:
@@ -172,6 +181,7 @@ while True:
     _, status = os.waitpid(pid, 0)
     sys.stdout.write(f"{os.waitstatus_to_exitcode(status)}\n"); sys.stdout.flush()
 """
+_ZYGOTE = ZYGOTE_PRELUDE + ZYGOTE_LOOP
 
 
 class Zygote:

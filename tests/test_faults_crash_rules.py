@@ -29,25 +29,12 @@ from pathlib import Path
 
 import pytest
 
-from fault_harness import REPO, Zygote, assert_same_weights, logged_steps, make_job, store_report, train_argv, weights
+from fault_harness import REPO, ZYGOTE_LOOP, ZYGOTE_PRELUDE, Zygote, assert_same_weights, logged_steps, make_job, store_report, train_argv, weights
 
 STEPS = 8
 PARAMS = 20  # tensors of the tiny tied Llama: one fused update each per step
 
-_SERVER = r"""
-import json, os, signal, sys, traceback
-os.environ["TOKENIZERS_PARALLELISM"] = "false"
-import torch, transformers, safetensors.torch
-from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
-import lomo_runtime.cli as cli
-cli._register()
-import lomo_runtime.trainer, lomo_runtime.runtime, lomo_runtime.data, lomo_runtime.checkpoint.export
-try:
-    import lomo_runtime.planner
-except ImportError:
-    pass
-from lomo_runtime.io import FAULTS
-sys.stdout.write("ready\n"); sys.stdout.flush()
+_SERVER = ZYGOTE_PRELUDE + r"""
 
 
 def arm_kill(spec):
@@ -69,35 +56,10 @@ def arm_kill(spec):
     setattr(cls, name, patched)
 
 
-while True:
-    line = sys.stdin.readline()
-    if not line:
-        break
-    req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 70
-        try:
-            log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            os.environ.update(req["env"])
-            FAULTS.load_env()
-            if req["env"].get("LOMO_TEST_KILL"):
-                arm_kill(req["env"]["LOMO_TEST_KILL"])
-            try:
-                cli.main(req["argv"])
-            except SystemExit as exit:
-                code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush(); sys.stderr.flush()
-            os._exit(code)
-    sys.stdout.write(f"{pid}\n"); sys.stdout.flush()
-    _, status = os.waitpid(pid, 0)
-    sys.stdout.write(f"{os.waitstatus_to_exitcode(status)}\n"); sys.stdout.flush()
-"""
+def before_main(req):
+    if req["env"].get("LOMO_TEST_KILL"):
+        arm_kill(req["env"]["LOMO_TEST_KILL"])
+""" + ZYGOTE_LOOP
 
 
 class KillServer(Zygote):

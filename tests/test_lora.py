@@ -36,7 +36,9 @@ def _settings(arch: str) -> LoraSettings:
     return LoraSettings(rank=4, alpha=8, target_modules=TARGETS[arch], lr=LORA_LR)
 
 
-def _reference(model_dir: Path, arch: str, batches: list[torch.Tensor]):
+def _with_adapters(model_dir: Path, arch: str):
+    """The model in memory with the adapters the runtime would inject (same seed), every base weight
+    trainable; (model, SGD over the base weights, AdamW over the adapters)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
     model.train()
@@ -49,7 +51,11 @@ def _reference(model_dir: Path, arch: str, batches: list[torch.Tensor]):
     lora = [p for n, p in model.named_parameters() if ".lora_" in n]
     for p in base:
         p.requires_grad_(True)
-    sgd, adamw = torch.optim.SGD(base, lr=LR), torch.optim.AdamW(lora, lr=LORA_LR, weight_decay=0.0)
+    return model, torch.optim.SGD(base, lr=LR), torch.optim.AdamW(lora, lr=LORA_LR, weight_decay=0.0)
+
+
+def _reference(model_dir: Path, arch: str, batches: list[torch.Tensor]):
+    model, sgd, adamw = _with_adapters(model_dir, arch)
     torch.manual_seed(0)
     for ids in batches:
         sgd.zero_grad(set_to_none=True)
@@ -198,18 +204,9 @@ def test_exact_clipping_clips_the_base_weights_and_leaves_the_adapters_gradients
     model_dir = make_tiny_model(tmp_path, arch="llama", tied=True)
     batches = _batches()
     clip = 0.3
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.use_cache = False
-    s = _settings("llama")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        inject_adapter_in_model(LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=s.target_modules,
-                                           lora_dropout=0.0, bias="none"), model)
+    model, sgd, adamw = _with_adapters(model_dir, "llama")
     base = [p for n, p in model.named_parameters() if ".lora_" not in n]
-    lora = [p for n, p in model.named_parameters() if ".lora_" in n]
-    for p in base:
-        p.requires_grad_(True)
-    sgd, adamw = torch.optim.SGD(base, lr=LR), torch.optim.AdamW(lora, lr=LORA_LR, weight_decay=0.0)
+    s = _settings("llama")
     for ids in batches:
         sgd.zero_grad(set_to_none=True)
         adamw.zero_grad(set_to_none=True)

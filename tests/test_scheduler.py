@@ -319,16 +319,11 @@ def test_budget_never_exceeded_and_no_update_lost_under_random_io_delays(seed: i
         sched.close()
 
 
-def test_runtime_with_random_io_delays_matches_torch_sgd(tmp_path: Path) -> None:
-    """A real streamed run whose unit reads and writes sleep 0-5 ms at random (a rough disk): the
-    budget holds (the staging pool's bytes in use, measured at every acquire) and the weights equal
-    torch.optim.SGD's, fp32, max abs difference <= 1e-6, with --commit-every 2."""
+def _sgd_reference_and_unit_sizes(model_dir: Path, tmp_path: Path, batches: list[torch.Tensor], lr: float):
+    """The model after torch.optim.SGD over `batches` in memory, its starting weights, and the
+    working store's unit sizes for `model_dir`."""
     from transformers import AutoModelForCausalLM
 
-    model_dir = make_tiny_model(tmp_path, arch="llama", tied=True)
-    gen = torch.Generator().manual_seed(2)
-    batches = [torch.randint(0, 128, (2, 16), generator=gen) for _ in range(5)]
-    lr = 0.05
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ref.config.use_cache = False
     start = {k: v.clone() for k, v in ref.state_dict().items()}
@@ -337,9 +332,20 @@ def test_runtime_with_random_io_delays_matches_torch_sgd(tmp_path: Path) -> None
         opt.zero_grad()
         ref(input_ids=ids, labels=ids).loss.backward()
         opt.step()
-
     with Runtime(model_dir, SGD(lr=lr), work_dir=tmp_path / "sizes") as rt:
         sizes = {n: r.nbytes for n, r in rt.store.units.items()}
+    return ref, start, sizes
+
+
+def test_runtime_with_random_io_delays_matches_torch_sgd(tmp_path: Path) -> None:
+    """A real streamed run whose unit reads and writes sleep 0-5 ms at random (a rough disk): the
+    budget holds (the staging pool's bytes in use, measured at every acquire) and the weights equal
+    torch.optim.SGD's, fp32, max abs difference <= 1e-6, with --commit-every 2."""
+    model_dir = make_tiny_model(tmp_path, arch="llama", tied=True)
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 128, (2, 16), generator=gen) for _ in range(5)]
+    lr = 0.05
+    ref, start, sizes = _sgd_reference_and_unit_sizes(model_dir, tmp_path, batches, lr)
     budget = sizes["embed"] + max(v for k, v in sizes.items() if k.startswith("block."))  # the minimum
     rng = random.Random(5)
     lock = threading.Lock()
@@ -381,22 +387,11 @@ def test_runtime_write_failure_reaped_inside_a_gradient_hook(tmp_path: Path) -> 
     error leaves `backward()`. The step is abandoned (no partial update survives), the store stays at
     the last commit, and the same runtime then trains on: weights equal torch.optim.SGD's over the
     same batches (fp32, <= 1e-6), the failed step's batch retried."""
-    from transformers import AutoModelForCausalLM
-
     model_dir = make_tiny_model(tmp_path, arch="llama", tied=False)
     gen = torch.Generator().manual_seed(6)
     batches = [torch.randint(0, 128, (2, 16), generator=gen) for _ in range(4)]
     lr = 0.05
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ref.config.use_cache = False
-    opt = torch.optim.SGD(ref.parameters(), lr=lr)
-    for ids in batches:
-        opt.zero_grad()
-        ref(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-
-    with Runtime(model_dir, SGD(lr=lr), work_dir=tmp_path / "sizes") as rt:
-        sizes = {n: r.nbytes for n, r in rt.store.units.items()}
+    ref, _, sizes = _sgd_reference_and_unit_sizes(model_dir, tmp_path, batches, lr)
     budget = max(sizes.values()) * 2  # two units: every unit updated in backward is written at once
     with Runtime(model_dir, SGD(lr=lr), work_dir=tmp_path / "w", weights_budget=budget, commit_every=1) as rt:
         assert not rt.backward(rt.model(input_ids=batches[0], labels=batches[0]).loss).dropped
