@@ -48,6 +48,9 @@ def build_skeleton(model_dir: str, dtype: torch.dtype, attn_implementation: str 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
+    cls = AutoModelForCausalLM._model_mapping[type(config)]
+    if attn_implementation == "sdpa" and not getattr(cls, "_supports_sdpa", True):
+        attn_implementation = "eager"  # Gemma 2, for one: transformers' default for it too
     config._attn_implementation = attn_implementation
     # A KV cache is state the forward mutates: recomputing a segment in backward
     # would append the same keys twice. Training never needs one; generation

@@ -148,9 +148,9 @@ def test_plan_bad_input_and_impossible_budget(tmp_path, capsys):
     (bad / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     code, _, err = _cli(capsys, "plan", "--model", str(bad))
     assert code == 2 and "missing" in err
-    (bad / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    (bad / "config.json").write_text(json.dumps({"model_type": "no_such_family"}))
     code, _, err = _cli(capsys, "plan", "--model", str(bad))
-    assert code == 2 and "not supported" in err
+    assert code == 2 and "'no_such_family' is not a causal LM" in err
     code, _, err = _cli(capsys, "plan", "--model", str(LLAMA_7B), "--memory-budget", "100MiB")
     assert code == 3 and "smallest budget" in err
 

@@ -167,6 +167,17 @@ class Checkpoint:
                     f"{loc.path}: tensor '{loc.entry.name}': shape {loc.entry.shape} differs from tied "
                     f"'{target}' {found[target].entry.shape}"
                 )
+        missing = [name for name in expected if name not in found]
+        unexpected = [loc for name, loc in found.items() if name not in expected]
+        if missing and unexpected:
+            # transformers 5 renames or merges some families' tensors when it loads them (per-expert
+            # MoE weights into one 3-D tensor; GPT-NeoX's embed_out into lm_head): the file and the
+            # model disagree on names, which is not a damaged checkpoint.
+            raise UserError(
+                f"{unexpected[0].path}: tensor '{unexpected[0].entry.name}' is not one the {arch.name} model of "
+                f"{config_path} has, and its '{missing[0]}' is not in the files: the weights are not this "
+                "config's, or transformers converts this family's checkpoints when loading them (per-expert "
+                "MoE weights, GPT-NeoX's embed_out), which lomo-run does not do yet")
         for name, shape in expected.items():
             loc = found.get(name)
             if loc is None:

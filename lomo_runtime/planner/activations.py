@@ -133,13 +133,15 @@ def _trace(spec: ModelSpec, batch: int, seq_len: int, layers: int, fake: bool = 
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            model = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
+            cls = AutoModelForCausalLM._model_mapping[type(hf)]
+            attn = "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"  # as the runtime's skeleton
+            model = AutoModelForCausalLM.from_config(hf, attn_implementation=attn)
         finally:
             torch.set_default_dtype(default)
         model.train()
         params = dict(model.named_parameters(remove_duplicate=True))
-        tied = {id(p) for m in (spec.arch.embed_weight,) for n, p in params.items() if n == m} \
-            if spec.dims.tied else set()
+        tied_names = set(spec.arch.tied_pairs(spec.config).values())
+        tied = {id(p) for n, p in params.items() if n in tied_names}
         fires: dict[int, int] = {}
 
         def fused_update(param: torch.Tensor) -> None:

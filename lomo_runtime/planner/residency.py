@@ -44,7 +44,7 @@ def segment_uses(spec: ModelSpec) -> list[SegmentUse]:
     uses = []
     for path, owner in spec.arch.segments(spec.config):
         needs = [owner]
-        if spec.dims.tied and path == "lm_head":
+        if spec.dims.tied and path == spec.arch.lm_head_path(spec.config):
             needs.append("embed")  # lm_head.weight is the embedding
         uses.append(SegmentUse(owner, tuple(needs)))
     return uses
