@@ -139,7 +139,7 @@ class _SegmentFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         flat = list(ctx.others)
         needs_grad = []
-        for slot, (i, t) in enumerate(zip(ctx.tensor_idx, saved)):
+        for i, t in zip(ctx.tensor_idx, saved):
             detached = t.detach()
             wants = ctx.needs_input_grad[_LEADING + i] and t.is_floating_point()
             detached.requires_grad_(wants)

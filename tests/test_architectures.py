@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import tiny_config
-from lomo_runtime.checkpoint import architecture_for, supported_model_types
+from lomo_runtime.checkpoint import architecture_for
 from lomo_runtime.errors import UserError
 
 CASES = [

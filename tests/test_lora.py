@@ -7,7 +7,6 @@ block. Tolerance: fp32, <= 1e-6 on every base weight and adapter after 4 steps.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest

@@ -231,7 +231,7 @@ def _independent_replay(sizes: dict[str, int], tied: bool, blocks: int, budget: 
                 if unit in resident:
                     continue
                 while budget is not None and sum(sizes[u] for u in resident) + sizes[unit] > budget:
-                    def next_use(name: str) -> int:
+                    def next_use(name: str, position: int = position) -> int:
                         later = [p for p in range(position, len(sequence)) if sequence[p] == name]
                         return later[0] if later else len(sequence) + sequence.index(name)
                     candidates = [u for u in resident if u not in seg and not (u == "embed" and pending)]

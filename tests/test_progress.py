@@ -137,7 +137,7 @@ def test_short_work_prints_nothing() -> None:
 def test_work_longer_than_the_interval_prints_the_summary() -> None:
     stream, clock = io.StringIO(), FakeClock()
     with WorkProgress("creating working store", 10 * MiB, stream=stream, is_tty=False, clock=clock,
-                      min_interval_s=2.0) as progress:
+                      min_interval_s=2.0):
         clock.now += 2.5
     assert stream.getvalue() == "creating working store: 0 B in 2s (0 B/s)\n"
 
