@@ -48,7 +48,8 @@ class TrainConfig:
     memory_budget: str | None = None     # process RSS (CPU) the run must stay within, e.g. "2GiB"
     weights_budget: str | None = None    # cap on resident weight bytes (experts, tests)
     heap_keep: str | None = None         # freed heap kept mapped between units: fewer page faults, more RSS
-    heap_trim: str = "step"              # give freed heap back twice a step ("step") or after every unit ("unit")
+    heap_trim: str | None = None         # freed heap back twice a step ("step") or after every unit ("unit");
+                                         # default: "unit" with --memory-budget (the plan holds), else "step"
     offload_dir: str | None = None       # working store location (default OUT/store)
     seed: int = 0
     eval_fraction: float = 0.05          # share of examples held out for eval loss
@@ -104,7 +105,7 @@ class TrainConfig:
             raise UserError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.rule not in ("sgd", "adamw", "adalomo"):
             raise UserError(f"--rule must be sgd, adamw or adalomo, got {self.rule!r}")
-        if self.heap_trim not in ("step", "unit"):
+        if self.heap_trim not in (None, "step", "unit"):
             raise UserError(f"--heap-trim must be step or unit, got {self.heap_trim!r}")
         if self.clip_mode not in ("exact", "previous", "unit"):
             raise UserError(f"--clip-mode must be exact, previous or unit, got {self.clip_mode!r}")

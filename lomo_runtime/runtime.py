@@ -176,7 +176,7 @@ class Runtime(SegmentHooks):
         seed: int = 0,
         checkpoint: Checkpoint | None = None,
         heap_keep: str | int = 0,
-        heap_trim: str = "step",
+        heap_trim: str | None = None,
         commit_every: int = DEFAULT_COMMIT_EVERY,
         commit_interval_s: float | None = None,
         progress_stream: TextIO | None = None,
@@ -207,6 +207,12 @@ class Runtime(SegmentHooks):
         # demo model (SmolLM2-135M, 8 x 128 tokens, 2 cores): all resident 6.2 s against 7.2 s a step,
         # peak RSS 1.586 against 1.582 GiB; streamed at a quarter 7.2-7.8 s against 8.6-9.0 s, peak
         # 1.202 against 1.200 GiB (tools/bench_side_by_side.py's workers, one run each, alternated).
+        # But between the two trims freed temporaries stay mapped: on tools/plan_accuracy.py's 110M
+        # tied Llama that is 92-174 MiB of RSS the planner does not model (measured 999 MiB against
+        # 825 MiB with "unit", seq 512 streamed). So the default is "unit" when a memory budget is
+        # to be kept (the plan's figures then hold), "step" otherwise.
+        if heap_trim is None:
+            heap_trim = "unit" if memory_budget is not None else "step"
         if heap_trim not in ("step", "unit"):
             raise UserError(f"heap_trim must be 'step' or 'unit', got {heap_trim!r}")
         self._trim = heap_trim
@@ -226,6 +232,7 @@ class Runtime(SegmentHooks):
         self._generation = 1 + max(rec.generation for rec in self.store.units.values())
         self._add_state_slots()
         units = self._build_units()
+        self.row_updates = self._set_row_updates(row_updates)  # before the budget: the planner counts it
         self.weights_budget = self._resolve_budget(memory_budget, weights_budget, seq_len, batch_size)
         # Capped at the weights budget: freed buffers of one size are dropped before another size overflows it.
         self.pool = StagingPool(self.weights_budget)
@@ -233,7 +240,6 @@ class Runtime(SegmentHooks):
         self.scheduler.generation = self._generation
         self.scheduler.on_pressure = self._drop_kept_graphs
         self.segments = self._build_segments()
-        self.row_updates = self._set_row_updates(row_updates)
         self._check_minimum_budget()
         self._forward_sequence = [n for s in self.segments for n in s.needs]
         self._backward_sequence = [n for s in reversed(self.segments) for n in s.needs]
@@ -441,7 +447,7 @@ class Runtime(SegmentHooks):
         AdaLomo (its second moment is factored over the whole matrix) or any weight decay; a tied
         embedding gets the lm_head's dense gradient anyway, so it gains nothing."""
         emb = self.model.get_input_embeddings()
-        tied = any(p is emb.weight for seg in self.segments if seg.owner != "embed" for p in seg.params)
+        tied = self.checkpoint.arch.tied(self.checkpoint.config)
         return (isinstance(self.rule, SGD) and not self.rule.weight_decay and self.rule.clip_grad_value is None
                 and self.dtype == torch.float32 and not self.grad_accumulation and isinstance(emb, nn.Embedding)
                 and not tied)

@@ -331,6 +331,7 @@ def _write_plan(rt: Runtime, cfg: TrainConfig, out: Path) -> None:
                     memory_budget=parse_size(cfg.memory_budget) if cfg.memory_budget else None,
                     weights_budget=rt.weights_budget, prefetch_depth=cfg.prefetch_depth,
                     master_weights=rt.master_weights, grad_accumulation=rt.grad_accumulation,
+                    row_updates=rt.row_updates,
                     heap_keep=rt.heap_keep)
     predicted = plan(spec, run, load_machine(rt.device, cfg.dtype))
     tmp = out / "plan.json.tmp"

@@ -9,6 +9,10 @@ does not count). The prediction is made before launch by `plan()` from
 `config.json` alone, with the framework overhead from `lomo-run probe`'s
 cache (or the default).
 
+The runtime trims freed heap after every unit (`heap_trim="unit"`), as it does by default
+under a memory budget, the case the plan must hold for (LOMO_PLAN_ACCURACY_HEAP_TRIM=step measures
+the other policy, whose retained heap the planner does not model).
+
 Budgets: "resident" (no weights budget: every unit stays in memory) and
 "stream" (the smallest weights budget the plan allows: every step streams).
 
@@ -70,7 +74,8 @@ def child(args: dict) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(dir=args["work_root"]) as work:
         rt = Runtime(args["model_dir"], rule=SGD(lr=1e-4), work_dir=work, weights_budget=args["weights_budget"],
-                     seq_len=args["seq_len"], batch_size=args["batch_size"])
+                     seq_len=args["seq_len"], batch_size=args["batch_size"],
+                     heap_trim=os.environ.get("LOMO_PLAN_ACCURACY_HEAP_TRIM", "unit"))
         rss_built = current_rss_bytes()
         reset_peak_rss()
         vocab = rt.checkpoint.config["vocab_size"]

@@ -50,6 +50,7 @@ def weights_budget_for_memory(runtime: Any, memory_budget: int, seq_len: int | N
     run = RunConfig(seq_len=seq_len, batch_size=batch_size or 1, dtype=dtype, rule=spec.rule,
                     device=runtime.device, memory_budget=memory_budget,
                     master_weights=runtime.master_weights, grad_accumulation=runtime.grad_accumulation,
+                    row_updates=runtime.row_updates,
                     heap_keep=runtime.heap_keep)
     p = plan(spec, run, machine)
     if not p.fits:

@@ -118,7 +118,8 @@ def _hf_config(spec: ModelSpec, layers: int):
     return hf
 
 
-def _trace(spec: ModelSpec, batch: int, seq_len: int, layers: int, fake: bool = True) -> tuple[dict[str, int], int, int]:
+def _trace(spec: ModelSpec, batch: int, seq_len: int, layers: int, fake: bool = True,
+           row_updates: bool = False) -> tuple[dict[str, int], int, int]:
     """(peak live bytes, FLOPs, largest tensor bytes) of one step of a `layers`-block version of the model.
 
     `fake=False` runs real tensors (small models only): tests use it to check the fake trace.
@@ -139,6 +140,11 @@ def _trace(spec: ModelSpec, batch: int, seq_len: int, layers: int, fake: bool = 
         finally:
             torch.set_default_dtype(default)
         model.train()
+        if row_updates:
+            # The runtime's sparse row gradient is tokens x hidden (2 MB for 512 x 1024 fp32): negligible
+            # beside the dense vocab x hidden one it replaces. Fake tensors cannot run the sparse
+            # embedding backward (it needs nonzero()), so the trace leaves that gradient out.
+            model.get_input_embeddings().weight.requires_grad_(False)
         params = dict(model.named_parameters(remove_duplicate=True))
         tied_names = set(spec.arch.tied_pairs(spec.config).values())
         tied = {id(p) for n, p in params.items() if n in tied_names}
@@ -146,14 +152,14 @@ def _trace(spec: ModelSpec, batch: int, seq_len: int, layers: int, fake: bool = 
 
         def fused_update(param: torch.Tensor) -> None:
             # What Runtime._on_grad holds: a tied weight keeps its gradient from the
-            # head's backward until the embedding's; then the isfinite mask (1 B/elem)
-            # and, for 16-bit weights, an fp32 copy of the parameter and gradient.
+            # head's backward until the embedding's; the finiteness check is one sum (no
+            # mask); for 16-bit weights, an fp32 copy of the parameter and gradient.
             fires[id(param)] = fires.get(id(param), 0) + 1
             if id(param) in tied and fires[id(param)] == 1:
                 return
             grad = param.grad
             param.grad = None
-            torch.isfinite(grad).all()
+            grad.sum()
             if param.dtype != torch.float32:
                 work = param.detach().to(torch.float32)
                 work.add_(grad.to(torch.float32), alpha=-1e-3)
@@ -162,12 +168,17 @@ def _trace(spec: ModelSpec, batch: int, seq_len: int, layers: int, fake: bool = 
             del grad
 
         for p in params.values():
-            p.register_post_accumulate_grad_hook(fused_update)
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(fused_update)
         hooks = _Phases()
-        for path, owner in spec.arch.segments(spec.config | {spec.arch.config_keys["num_layers"][0]: layers}):
+        paths = spec.arch.segments(spec.config | {spec.arch.config_keys["num_layers"][0]: layers})
+        for path, owner in paths:
             module = model.get_submodule(path)
+            # The head keeps its forward's graph until backward instead of recomputing it, as the
+            # runtime does in one-pass steps (segments.py): no second logits tensor.
+            head = owner == paths[-1][1]
             seg = Segment(path=path, owner=owner, needs=[owner], module=module, forward=module.forward,
-                          params=list(module.parameters()))
+                          params=list(module.parameters()), may_keep_graph=head, keep_graph=head)
             wrap_segment(seg, hooks)
         ids = torch.zeros(batch, seq_len, dtype=torch.long)
         live = LiveBytes(exclude=[*model.parameters(), *model.buffers(), ids])
@@ -186,13 +197,13 @@ _CACHE: dict[tuple, tuple[dict[str, int], int, int]] = {}
 def _trace_cached(key: tuple, spec: ModelSpec, batch: int, seq_len: int, layers: int) -> tuple[dict[str, int], int, int]:
     full = (key, batch, seq_len, layers)
     if full not in _CACHE:
-        _CACHE[full] = _trace(spec, batch, seq_len, layers)
+        _CACHE[full] = _trace(spec, batch, seq_len, layers, row_updates=key[-1])
     return _CACHE[full]
 
 
-def trace_step(spec: ModelSpec, batch: int, seq_len: int) -> StepTrace:
+def trace_step(spec: ModelSpec, batch: int, seq_len: int, row_updates: bool = False) -> StepTrace:
     """Activation peak and FLOPs of one step of the full model, from 2- and 3-block traces."""
-    key = (repr(sorted(spec.config.items())), spec.dtype, spec.rule)
+    key = (repr(sorted(spec.config.items())), spec.dtype, spec.rule, row_updates)
     layers = spec.dims.num_layers
     if layers <= 3:
         peaks, flops, big = _trace_cached(key, spec, batch, seq_len, layers)

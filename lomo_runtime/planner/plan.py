@@ -89,7 +89,10 @@ class Plan:
 
 def _fixed_bytes(spec: ModelSpec, run: RunConfig, machine: Machine) -> tuple[int, dict[str, int]]:
     """Bytes on the budgeted memory that do not depend on the weights budget."""
-    act = trace_step(spec, run.batch_size, run.seq_len)
+    rows = run.row_updates
+    if rows is None:
+        rows = run.rule == "sgd" and spec.dtype == "fp32" and not spec.dims.tied and not run.grad_accumulation
+    act = trace_step(spec, run.batch_size, run.seq_len, row_updates=rows)
     largest = spec.largest_tensor
     itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[spec.dtype]
     # Informational split of what the trace includes: the largest gradient, its isfinite

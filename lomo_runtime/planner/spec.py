@@ -159,6 +159,9 @@ class RunConfig:
     """Freed heap the runtime leaves mapped for reuse (`Runtime(heap_keep=)`): counted as allocator slack."""
     keep_logits: bool = True
     """The caller holds the output (and its logits) during backward, as `out = rt.model(...)` does."""
+    row_updates: bool | None = None
+    """The input embedding's gradient is the rows a batch used (`Runtime.row_updates_exact`); None:
+    where exact with the default weight decay of 0 (sgd, fp32, untied, no accumulation)."""
 
     def check(self) -> None:
         if self.seq_len < 1 or self.batch_size < 1:
