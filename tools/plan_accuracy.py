@@ -19,6 +19,7 @@ Budgets: "resident" (no weights budget: every unit stays in memory) and
     python tools/plan_accuracy.py                    # 3 sizes x 2 seq lens x 2 budgets = 12 runs
     python tools/plan_accuracy.py --quick            # the smallest model only (what the test runs)
     python tools/plan_accuracy.py --out plan_accuracy.json
+    python tools/plan_accuracy.py --grid families    # llama, qwen3, gemma2, starcoder2 x vocab 32k/152k x 2 budgets
 
 Prints a table (predicted, measured, error per configuration) and writes JSON.
 """
@@ -48,6 +49,27 @@ MODELS = {
 }
 SEQ_LENS = (128, 512)
 BUDGETS = ("resident", "stream")
+
+# `--grid families`: 4 families x 2 vocabularies (32k; Qwen2's 151936) x resident/streamed at seq 128,
+# 4 layers, 256 wide, untied (row updates apply to SGD fp32), random weights.
+FAMILY_DIMS = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=1024,
+                   bos_token_id=0, eos_token_id=1, pad_token_id=0)
+FAMILY_EXTRA = {"llama": {}, "qwen3": {}, "gemma2": {"head_dim": 64}, "starcoder2": {}}
+VOCABS = (32000, 151936)
+
+
+def make_family_model(out: Path, model_type: str, vocab: int) -> Path:
+    """Save a random `model_type` model with FAMILY_DIMS and `vocab` and return its directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (out / "config.json").exists():
+        return out
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, **FAMILY_DIMS, **FAMILY_EXTRA[model_type])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    return out
 
 
 def make_model(out: Path, dims: dict) -> Path:
@@ -112,6 +134,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--model-root", default=None, help="where random models are saved (default: a temp dir)")
+    parser.add_argument("--grid", choices=["llama", "families"], default="llama",
+                        help="llama: 3 Llama sizes x 2 seq lens x 2 budgets; families: 4 families x 2 vocabs x 2 budgets")
     parser.add_argument("--out", default="plan_accuracy.json")
     args = parser.parse_args()
     if args.child:
@@ -127,14 +151,18 @@ def main() -> None:
     root = Path(args.model_root or tempfile.mkdtemp(prefix="plan-acc-"))
     machine = load_machine("cpu", "fp32")
     rows = []
-    header = (f"{'model':<7} {'seq':>4} {'budget':<8} {'weights budget':>14} {'predicted':>10} {'measured':>10} "
+    header = (f"{'model':<15} {'seq':>4} {'budget':<8} {'weights budget':>14} {'predicted':>10} {'measured':>10} "
               f"{'error':>7}  {'pred step':>9} {'meas step':>9}")
     print(f"framework overhead {format_size(machine.framework_bytes)} ({machine.source['framework_bytes']})")
     print(header)
-    for name in names:
-        model_dir = make_model(root / name, MODELS[name])
+    if args.grid == "families":
+        cases = [(f"{t}-{v // 1000}k", make_family_model(root / f"{t}-{v}", t, v), (128,))
+                 for t in FAMILY_EXTRA for v in VOCABS]
+    else:
+        cases = [(name, make_model(root / name, MODELS[name]), SEQ_LENS) for name in names]
+    for name, model_dir, seq_lens in cases:
         config = load_config(model_dir)
-        for seq in SEQ_LENS:
+        for seq in seq_lens:
             for budget in BUDGETS:
                 run = RunConfig(seq_len=seq, batch_size=args.batch_size, dtype="fp32", rule="sgd", device="cpu",
                                 memory_budget=machine.host_memory_bytes)
@@ -153,7 +181,7 @@ def main() -> None:
                            predicted_step_time_s=p.est_step_time_s, error=err, **{f"measured_{k}": v
                                                                               for k, v in measured.items()})
                 rows.append(row)
-                print(f"{name:<7} {seq:>4} {budget:<8} {format_size(wb) if wb else '-':>14} "
+                print(f"{name:<15} {seq:>4} {budget:<8} {format_size(wb) if wb else '-':>14} "
                       f"{format_size(p.peak_host_bytes):>10} {format_size(measured['peak_rss_bytes']):>10} "
                       f"{err:>+7.1%}  {p.est_step_time_s:>8.2f}s {measured['step_time_s']:>8.2f}s", flush=True)
     worst = max(abs(r["error"]) for r in rows)

@@ -101,9 +101,8 @@ class _Phases(SegmentHooks):
                 "embed" if segment.owner == "embed" else "forward")
 
 
-def _hf_config(spec: ModelSpec, layers: int):
-    from transformers import AutoConfig
-
+def _traced_config(spec: ModelSpec, layers: int) -> dict:
+    """`spec.config` with `layers` blocks (what the 2- and 3-block traces build)."""
     config = {k: v for k, v in spec.config.items() if k not in ("architectures", "transformers_version")}
     key = spec.arch.config_keys["num_layers"][0]
     full = config[key] if isinstance(config.get(key), int) else spec.dims.num_layers
@@ -113,6 +112,13 @@ def _hf_config(spec: ModelSpec, layers: int):
     for name, value in list(config.items()):
         if isinstance(value, list) and len(value) == full and full != layers:
             config[name] = value[:layers]
+    return config
+
+
+def _hf_config(spec: ModelSpec, layers: int):
+    from transformers import AutoConfig
+
+    config = _traced_config(spec, layers)
     hf = AutoConfig.for_model(**config)
     hf.use_cache = False
     return hf
@@ -171,7 +177,7 @@ def _trace(spec: ModelSpec, batch: int, seq_len: int, layers: int, fake: bool = 
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(fused_update)
         hooks = _Phases()
-        paths = spec.arch.segments(spec.config | {spec.arch.config_keys["num_layers"][0]: layers})
+        paths = spec.arch.segments(_traced_config(spec, layers))
         for path, owner in paths:
             module = model.get_submodule(path)
             # The head keeps its forward's graph until backward instead of recomputing it, as the
