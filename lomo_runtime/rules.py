@@ -192,6 +192,19 @@ def _rms(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.norm(2) / (tensor.numel() ** 0.5)
 
 
+def row_updates_exact(rule: str, weight_decay: float, clip_grad_value: float | None, dtype: str, tied: bool,
+                      grad_accumulation: bool) -> bool:
+    """Is updating only the embedding rows a batch used exactly what the dense update does?
+
+    Yes for SGD without weight decay (a row with no gradient stays as it is; clipping by norm only
+    scales the gradient), with fp32 weights, an untied input embedding and no gradient accumulation
+    or per-value clipping. Not for AdamW (its moments decay every row every step), AdaLomo (its
+    second moment is factored over the whole matrix) or any weight decay; a tied embedding gets
+    the lm_head's dense gradient anyway, so it gains nothing. The runtime and the planner both ask."""
+    return (rule == "sgd" and not weight_decay and clip_grad_value is None and dtype == "fp32" and not tied
+            and not grad_accumulation)
+
+
 def rule_by_name(name: str, **kwargs: object) -> UpdateRule:
     """Build a rule from its CLI name (sgd, adamw, adalomo)."""
     rules = {"sgd": SGD, "adamw": AdamW, "adalomo": AdaLomo}

@@ -52,7 +52,7 @@ from .io import aligned_empty
 from .memory import current_rss_bytes, peak_rss_bytes, release_freed_heap, reset_peak_rss
 from .native import rounding_seed, stochastic_round_bf16
 from .progress import WorkProgress
-from .rules import SGD, UpdateContext, UpdateRule
+from .rules import SGD, UpdateContext, UpdateRule, row_updates_exact
 from .scheduler import Scheduler, Unit, UnitState
 from .segments import KeptGraph, Segment, SegmentHooks, wrap_segment
 from .sizes import format_size, parse_size
@@ -439,18 +439,11 @@ class Runtime(SegmentHooks):
         return segments
 
     def row_updates_exact(self) -> bool:
-        """Is updating only the embedding rows a batch used exactly what the dense update does?
-
-        Yes for SGD without weight decay (a row with no gradient stays as it is; clipping by norm
-        only scales the gradient), with fp32 weights, an untied input embedding and no gradient
-        accumulation or per-value clipping. Not for AdamW (its moments decay every row every step),
-        AdaLomo (its second moment is factored over the whole matrix) or any weight decay; a tied
-        embedding gets the lm_head's dense gradient anyway, so it gains nothing."""
-        emb = self.model.get_input_embeddings()
-        tied = self.checkpoint.arch.tied(self.checkpoint.config)
-        return (isinstance(self.rule, SGD) and not self.rule.weight_decay and self.rule.clip_grad_value is None
-                and self.dtype == torch.float32 and not self.grad_accumulation and isinstance(emb, nn.Embedding)
-                and not tied)
+        """Whether this run's embedding may take row updates (`rules.row_updates_exact`)."""
+        return isinstance(self.model.get_input_embeddings(), nn.Embedding) and row_updates_exact(
+            self._rule_identity()["name"], self.rule.weight_decay, self.rule.clip_grad_value,
+            "fp32" if self.dtype == torch.float32 else str(self.dtype),
+            self.checkpoint.arch.tied(self.checkpoint.config), self.grad_accumulation)
 
     def _set_row_updates(self, wanted: bool | None) -> bool:
         """Row updates for the input embedding: a sparse gradient of the rows the batch used instead

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..errors import DoesNotFit, UserError
+from ..rules import row_updates_exact
 from ..sizes import format_size
 from .activations import trace_step
 from .residency import Residency, min_weights_budget, simulate
@@ -90,8 +91,8 @@ class Plan:
 def _fixed_bytes(spec: ModelSpec, run: RunConfig, machine: Machine) -> tuple[int, dict[str, int]]:
     """Bytes on the budgeted memory that do not depend on the weights budget."""
     rows = run.row_updates
-    if rows is None:
-        rows = run.rule == "sgd" and spec.dtype == "fp32" and not spec.dims.tied and not run.grad_accumulation
+    if rows is None:  # the plan assumes the default weight decay (0) and no value clipping
+        rows = row_updates_exact(run.rule, 0.0, None, spec.dtype, spec.dims.tied, run.grad_accumulation)
     act = trace_step(spec, run.batch_size, run.seq_len, row_updates=rows)
     largest = spec.largest_tensor
     itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[spec.dtype]
