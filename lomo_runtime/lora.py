@@ -69,6 +69,7 @@ class LoraAdapters:
     modules: dict[str, nn.Module] = field(default_factory=dict)  # base weight name -> the peft LoRA layer
     optimizer: torch.optim.Optimizer | None = None
     _committed: dict[str, Any] | None = None
+    _written: dict[str, Any] | None = None  # the state `write` saved, until its commit is durable
 
     @classmethod
     def inject(cls, model: nn.Module, settings: LoraSettings, seed: int) -> "LoraAdapters":
@@ -159,8 +160,9 @@ class LoraAdapters:
         """Write the current state as `adapters-<step>.pt` (fsynced); the caller names it in its commit."""
         name = f"adapters-{step}.pt"
         tmp = work_dir / (name + ".tmp")
+        self._written = self.state()  # what `committed` keeps for rollbacks: the bytes just written
         with open(tmp, "wb") as f:
-            torch.save(self.state(), f)
+            torch.save(self._written, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, work_dir / name)
@@ -168,7 +170,7 @@ class LoraAdapters:
 
     def committed(self, work_dir: Path, name: str) -> None:
         """The commit naming `name` is durable: keep its state for rollbacks, drop older files."""
-        self._committed = self.state()
+        self._committed, self._written = self._written, None
         for old in work_dir.glob("adapters-*.pt*"):
             if old.name != name:
                 old.unlink(missing_ok=True)
