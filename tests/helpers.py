@@ -53,3 +53,18 @@ def make_tiny_model(
     out = Path(tmp_path) / name
     model.save_pretrained(out, max_shard_size=SHARD_SIZE if sharded else "1GB")
     return out
+
+
+def torch_sgd_reference(model_dir: Path, batches: list[torch.Tensor], lr: float) -> torch.nn.Module:
+    """The model in `model_dir` (fp32, in memory, train mode) after `torch.optim.SGD` over `batches`,
+    each a language-modelling batch whose labels are its inputs: the reference streamed runs are
+    compared with."""
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref.config.use_cache = False
+    ref.train()
+    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    for ids in batches:
+        opt.zero_grad()
+        ref(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    return ref

@@ -8,7 +8,6 @@ The export loads with `from_pretrained` and gives the reference's logits (<= 1e-
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from helpers import torch_sgd_reference
 from lomo_runtime import SGD, Runtime
 from lomo_runtime.errors import UserError
 
@@ -59,19 +59,11 @@ CASES = [(t, tied) for t in FAMILIES for tied in (False, True)]
 @pytest.mark.parametrize("model_type,tied", CASES, ids=[f"{t}-{'tied' if b else 'untied'}" for t, b in CASES])
 def test_streamed_sgd_equals_torch_and_the_export_loads(tmp_path: Path, model_type: str, tied: bool) -> None:
     model_dir = _make(tmp_path, model_type, tied)
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    reference.config.use_cache = False
-    reference.train()
-    is_tied = reference.get_input_embeddings().weight is reference.get_output_embeddings().weight
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(2, 128, (2, 16), generator=gen) for _ in range(STEPS)]
-    ref = copy.deepcopy(reference)
     torch.manual_seed(0)
-    opt = torch.optim.SGD(ref.parameters(), lr=LR)
-    for ids in batches:
-        opt.zero_grad()
-        ref(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
+    ref = torch_sgd_reference(model_dir, batches, LR)
+    is_tied = ref.get_input_embeddings().weight is ref.get_output_embeddings().weight
 
     with Runtime(model_dir, SGD(lr=LR), work_dir=tmp_path / "probe") as rt:
         budget = rt.minimum_weights_budget()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_tiny_model
+from helpers import make_tiny_model, torch_sgd_reference
 from lomo_runtime import SGD, Runtime
 from lomo_runtime.scheduler import Scheduler, Unit, UnitState
 
@@ -324,14 +324,8 @@ def _sgd_reference_and_unit_sizes(model_dir: Path, tmp_path: Path, batches: list
     working store's unit sizes for `model_dir`."""
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ref.config.use_cache = False
-    start = {k: v.clone() for k, v in ref.state_dict().items()}
-    opt = torch.optim.SGD(ref.parameters(), lr=lr)
-    for ids in batches:
-        opt.zero_grad()
-        ref(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
+    start = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    ref = torch_sgd_reference(model_dir, batches, lr)
     with Runtime(model_dir, SGD(lr=lr), work_dir=tmp_path / "sizes") as rt:
         sizes = {n: r.nbytes for n, r in rt.store.units.items()}
     return ref, start, sizes
