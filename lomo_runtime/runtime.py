@@ -733,6 +733,11 @@ class Runtime(SegmentHooks):
             self.rule.clip_mode == "exact" or (self.rule.clip_mode == "previous" and self._last_norm is None))
 
     @property
+    def last_grad_norm(self) -> float | None:
+        """The global gradient norm of the last step that measured one (clip_mode "previous")."""
+        return self._last_norm
+
+    @property
     def committed_step(self) -> int:
         """The step the working store holds durably (what a crash would resume from)."""
         return self.store.step

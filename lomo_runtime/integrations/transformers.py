@@ -163,7 +163,7 @@ class LomoRunTrainer(Trainer):
         if result.committed:  # the runtime's own interval (save_strategy="no")
             self._replay.clear()
         if last:
-            self._grad_norm = result.grad_norm if result.grad_norm is not None else self.runtime._last_norm
+            self._grad_norm = result.grad_norm if result.grad_norm is not None else self.runtime.last_grad_norm
         return loss
 
     def _run(self, model: nn.Module, record: _MicroBatch):
@@ -182,8 +182,7 @@ class LomoRunTrainer(Trainer):
         adapter_lr = None
         if adapters is not None and self.args.learning_rate > 0:  # the adapters follow HF's schedule too
             adapter_lr = adapters.settings.lr * record.lr / self.args.learning_rate
-        result = self.runtime.backward(loss, lr=record.lr, accumulate=not record.last, adapter_lr=adapter_lr,
-                                       commit_meta={"hf_global_step": self.state.global_step + 1})
+        result = self.runtime.backward(loss, lr=record.lr, accumulate=not record.last, adapter_lr=adapter_lr)
         return loss.detach(), result
 
     def _on_dropped(self, model: nn.Module, result) -> None:
