@@ -43,14 +43,21 @@ def empty_tensor(dtype: torch.dtype, device: torch.device | str = "cpu") -> torc
     return torch.empty(0, dtype=dtype, device=device)
 
 
+def attention_for(config, wanted: str = "sdpa") -> str:
+    """`wanted`, or "eager" where the family has no sdpa attention (Gemma 2, for one; transformers'
+    own default for it too). The planner's trace asks the same, so it builds what the runtime runs."""
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping[type(config)]
+    return "eager" if wanted == "sdpa" and not getattr(cls, "_supports_sdpa", True) else wanted
+
+
 def build_skeleton(model_dir: str, dtype: torch.dtype, attn_implementation: str = "sdpa") -> nn.Module:
     """Instantiate the HF causal-LM for `model_dir` with empty parameters of `dtype`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
-    cls = AutoModelForCausalLM._model_mapping[type(config)]
-    if attn_implementation == "sdpa" and not getattr(cls, "_supports_sdpa", True):
-        attn_implementation = "eager"  # Gemma 2, for one: transformers' default for it too
+    attn_implementation = attention_for(config, attn_implementation)
     config._attn_implementation = attn_implementation
     # A KV cache is state the forward mutates: recomputing a segment in backward
     # would append the same keys twice. Training never needs one; generation

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..segments import Segment, SegmentHooks, wrap_segment
+from ..skeleton import attention_for
 from .spec import DTYPES, ModelSpec
 
 
@@ -140,9 +141,7 @@ def _trace(spec: ModelSpec, batch: int, seq_len: int, layers: int, fake: bool = 
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            cls = AutoModelForCausalLM._model_mapping[type(hf)]
-            attn = "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"  # as the runtime's skeleton
-            model = AutoModelForCausalLM.from_config(hf, attn_implementation=attn)
+            model = AutoModelForCausalLM.from_config(hf, attn_implementation=attention_for(hf))
         finally:
             torch.set_default_dtype(default)
         model.train()
