@@ -71,6 +71,7 @@ class TrainConfig:
     lora_targets: str | None = None      # comma-separated module names (default: peft's for the model type)
     lora_only: bool = False              # freeze every base weight: classic LoRA, streamed
     lora_export: str = "merged"          # merged (W + BA) | separate (base model + OUT/model/adapter)
+    parallel: str | None = None          # several ranks under torchrun: replicate (data parallel)
 
     def validate(self) -> "TrainConfig":
         """Check values a user can get wrong; raise UserError naming the setting."""
@@ -121,6 +122,8 @@ class TrainConfig:
                 raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         elif self.lora_only:
             raise UserError("--lora-only needs --lora-rank")
+        if self.parallel not in (None, "replicate", "shard"):
+            raise UserError(f"--parallel must be replicate or shard, got {self.parallel!r}")
         if self.lora_export not in ("merged", "separate"):
             raise UserError(f"--lora-export must be merged or separate, got {self.lora_export!r}")
         for name in ("memory_budget", "weights_budget", "heap_keep"):

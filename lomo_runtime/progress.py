@@ -35,6 +35,19 @@ from .errors import UserError
 from .sizes import format_size
 
 
+class SilentStream:
+    """A text stream that drops everything (progress without a `progress_stream`)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
 class Progress:
     """A one-line training progress display: step/total, loss, tokens/s, peak memory, ETA.
 

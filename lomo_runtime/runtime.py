@@ -28,6 +28,11 @@ Invariants this module keeps:
   durable ones; after a crash the store is at `committed_step` and a caller
   that replays the steps since (data, dropout seeds, learning rate and rounding
   seeds as functions of the step) ends bit-identical to an uninterrupted run.
+* Several ranks (`parallel="replicate"`, under torchrun; `lomo_runtime.dist`): each rank
+  keeps its own store in `work_dir/rank-<r>`, every parameter's gradient is averaged over the
+  ranks before its fused update (as DistributedDataParallel averages), every decision about a
+  step is the same on every rank, and commits are two-phase. `commit`, `export`,
+  `iter_weights` and `close` are collective then: every rank calls them.
 * Rule state, fp32 master weights and gradient-accumulation buffers are extra
   tensors in the unit's file (`<param>::<key>`), so they stream with the unit
   and are committed with it. The store records the rule and the settings that
@@ -47,11 +52,12 @@ from torch import nn
 
 from .checkpoint import Checkpoint
 from .checkpoint.safetensors_file import DTYPES
-from .errors import DoesNotFit, UserError
+from .dist import COMMIT_RECORD, Parallel, PeerLost, rank_dir, read_commit_record
+from .errors import DoesNotFit, LomoError, UserError
 from .io import aligned_empty
 from .memory import current_rss_bytes, peak_rss_bytes, release_freed_heap, reset_peak_rss
 from .native import rounding_seed, stochastic_round_bf16
-from .progress import WorkProgress
+from .progress import SilentStream, WorkProgress
 from .rules import SGD, UpdateContext, UpdateRule, row_updates_exact
 from .scheduler import Scheduler, Unit, UnitState
 from .segments import KeptGraph, Segment, SegmentHooks, wrap_segment
@@ -68,19 +74,6 @@ STATE_SEP = "::"  # "<param name>::<state key>" names a state tensor in a unit f
 # weights plus AdaLomo state). At 10 steps its cost is a few percent of the interval's time, and a
 # crash loses at most 9 steps of work, which resume replays.
 DEFAULT_COMMIT_EVERY = 10
-
-
-class _Silent:
-    """A text stream that drops everything (progress without a `progress_stream`)."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
 
 
 def _dense_part(grad: torch.Tensor) -> torch.Tensor:
@@ -181,6 +174,7 @@ class Runtime(SegmentHooks):
         commit_interval_s: float | None = None,
         progress_stream: TextIO | None = None,
         row_updates: bool | None = None,
+        parallel: "str | Parallel | None" = None,
     ) -> None:
         if device != "cpu":
             raise UserError(f"device {device!r}: only 'cpu' is implemented so far")
@@ -198,7 +192,10 @@ class Runtime(SegmentHooks):
         self.rule: UpdateRule = rule if rule is not None else SGD()
         self.device = device
         self.dtype = dtype
-        self.work_dir = Path(work_dir)
+        # With several ranks: the run's directory holds the commit record and one store per rank.
+        self.parallel: Parallel | None = Parallel(parallel, device=device) if isinstance(parallel, str) else parallel
+        self.run_dir = Path(work_dir)
+        self.work_dir = self.run_dir if self.parallel is None else rank_dir(self.run_dir, self.parallel.rank)
         # Freed heap kept mapped for reuse between units (memory.release_freed_heap); the planner adds it.
         self.heap_keep = parse_size(heap_keep, "heap_keep") if heap_keep else 0
         # When freed heap goes back to the OS: "step", twice a step (before the head's forward, where
@@ -225,7 +222,7 @@ class Runtime(SegmentHooks):
         self.framework_bytes = current_rss_bytes()
         # A caller that already validated the checkpoint (the trainer) passes it, so headers are read once.
         self.checkpoint = checkpoint if checkpoint is not None else Checkpoint.open(self.model_dir)
-        self.store = self._open_store(resume)
+        self.store = self._open_store(resume) if self.parallel is None else self._open_rank_store(resume)
         self.step = self.store.step  # completed steps; the store's committed step lags it by < commit_every
         self.model = build_skeleton(str(self.model_dir), dtype)
         self._params: dict[nn.Parameter, _ParamInfo] = {}
@@ -307,9 +304,55 @@ class Runtime(SegmentHooks):
                 self.work_dir, units, meta,
                 on_unit=lambda name, n, done: shown.update(done, f"{name}, {n}/{len(units)} units"))
 
+    def _open_rank_store(self, resume: bool) -> WorkingStore:
+        """This rank's store under the run directory, opened at the step the run's commit record
+        names (or created, with the record at step 0). Every rank agrees before any goes on."""
+        par = self.parallel
+        record = None
+        problem = ""
+        if par.is_main:
+            try:
+                record = read_commit_record(self.run_dir)
+            except UserError as e:
+                problem = str(e)
+            if record is None and not problem and resume and (self.work_dir / "manifest.json").exists():
+                problem = f"{self.run_dir} has no {COMMIT_RECORD}: it is not a multi-process run's store"
+            if record is not None and not resume:
+                problem = (f"{self.run_dir} already holds a multi-process run's stores; pass resume=True (--resume) "
+                           "to continue it, or choose an empty work directory")
+            if record is not None and record.get("world_size") != par.world:
+                problem = (f"{self.run_dir} was trained on {record.get('world_size')} ranks, this run has {par.world}; "
+                           f"resume with --nproc-per-node {record.get('world_size')}, or export it (lomo-run export) "
+                           "and start a new run from the export")
+            if record is not None and record.get("parallel") != par.mode:
+                problem = f"{self.run_dir} was trained with --parallel {record.get('parallel')}, not {par.mode}"
+        record, problem = par.broadcast((record, problem), "opening the working stores")
+        if problem:
+            raise UserError(problem)
+        store, problem = None, ""
+        try:
+            if record is not None:
+                if not (self.work_dir / "manifest.json").exists():
+                    raise UserError(f"rank {par.rank}: {self.work_dir} holds no working store to resume from")
+                store = WorkingStore.open(self.work_dir, committed_step=int(record["step"]))
+                self._check_resume(store)
+            else:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                store = self._open_store(resume=False)
+        except LomoError as e:
+            problem = f"rank {par.rank}: {e}"
+        problems = [p for p in par.gather(problem, "opening the working stores") if p]
+        if problems:
+            if store is not None:
+                store.close()
+            raise UserError(problems[0] + (f" (and {len(problems) - 1} more ranks)" if len(problems) > 1 else ""))
+        if record is None:
+            par.commit_step(self.run_dir, 0, lambda: None, lambda: None)
+        return store
+
     def _work_progress(self, label: str, total: int | None = None) -> WorkProgress:
         """A byte-progress display on `progress_stream` (a silent one without a stream)."""
-        return WorkProgress(label, total, stream=self.progress_stream or _Silent(), min_interval_s=2.0)
+        return WorkProgress(label, total, stream=self.progress_stream or SilentStream(), min_interval_s=2.0)
 
     def _rule_identity(self) -> dict[str, Any]:
         """The rule and the settings that give its state a meaning (recorded in the store).
@@ -448,7 +491,9 @@ class Runtime(SegmentHooks):
     def _set_row_updates(self, wanted: bool | None) -> bool:
         """Row updates for the input embedding: a sparse gradient of the rows the batch used instead
         of a dense vocab x hidden one (on a 152k x 2048 fp32 embedding, 1.2 GB), where exact."""
-        exact = self.row_updates_exact()
+        exact = self.row_updates_exact() and self.parallel is None  # a sparse all-reduce is not built
+        if wanted and self.parallel is not None:
+            raise UserError("row_updates=True: not with parallel= yet (the gradient all-reduce is dense)")
         if wanted and not exact:
             raise UserError("row_updates=True: only exact for SGD without weight decay or value clipping, fp32 "
                             "weights, an untied embedding and no gradient accumulation")
@@ -664,13 +709,11 @@ class Runtime(SegmentHooks):
         grad = grad.to(torch.float32)  # no copy for fp32 gradients: we own .grad now
         if self.scaler is not None:
             grad.div_(self.scaler.scale)
-        # One reduction instead of isfinite().all() (a bool tensor, then a second pass: 18x slower,
-        # 106 ms against 5.7 ms on the demo's 28M-element embedding). An inf or NaN anywhere makes
-        # the sum inf or NaN; so would finite values summing past 3.4e38, a gradient broken anyway.
-        if not math.isfinite(float(_dense_part(grad).sum())):
-            self._failed = f"non-finite gradient for {info.name}"
-            raise _StepFailed(self._failed)  # stop backward now: nothing after this point is worth computing
         if self._mode == "accumulate":
+            # With several ranks nothing is reduced yet: a non-finite micro-batch makes the sum
+            # non-finite, which every rank sees after the final micro-batch's reduction.
+            if self.parallel is None:
+                self._check_finite(grad, info)
             info.state["grad_accum"].add_(grad)
             self._mark_updated(unit)
             return
@@ -682,6 +725,9 @@ class Runtime(SegmentHooks):
                 grad = accum.add_(grad).clone()
                 accum.zero_()
                 self._mark_updated(unit)
+        if self.parallel is not None:
+            self.parallel.mean_(grad)  # every rank now holds the same gradient: the same decisions follow
+        self._check_finite(grad, info)
         norm = _dense_part(grad).norm(2.0) if self.rule.clip_grad_norm else None
         if self._mode == "norm":
             self._norms.append(norm)
@@ -698,6 +744,14 @@ class Runtime(SegmentHooks):
         if self._clip_coef != 1.0:
             grad = _scale(grad, self._clip_coef)
         self._apply(param, info, grad)
+
+    def _check_finite(self, grad: torch.Tensor, info: _ParamInfo) -> None:
+        # One reduction instead of isfinite().all() (a bool tensor, then a second pass: 18x slower,
+        # 106 ms against 5.7 ms on the demo's 28M-element embedding). An inf or NaN anywhere makes
+        # the sum inf or NaN; so would finite values summing past 3.4e38, a gradient broken anyway.
+        if not math.isfinite(float(_dense_part(grad).sum())):
+            self._failed = f"non-finite gradient for {info.name}"
+            raise _StepFailed(self._failed)  # stop backward now: nothing after this point is worth computing
 
     def _apply(self, param: torch.Tensor, info: _ParamInfo, grad: torch.Tensor) -> None:
         """Run the rule on fp32 values and store the result in the parameter's dtype."""
@@ -785,7 +839,10 @@ class Runtime(SegmentHooks):
             # A replayed step uses the scale its first run used; a step retried after an overflow, the lowered one.
             start_state = self._scaler_at.setdefault(self.step, self.scaler.state())
             self.scaler.scale, self.scaler.good_steps = start_state["scale"], int(start_state["good_steps"])
-        if not bool(torch.isfinite(loss.detach()).all()):
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.parallel is not None:
+            finite = self.parallel.all_true(finite, "agreeing on the loss")  # one rank's NaN drops the step everywhere
+        if not finite:
             return self._drop("non-finite loss")
         self._commit_due = not accumulate and self._commit_is_due(self.step + 1)
         scaled = loss * self.scaler.scale if self.scaler is not None else loss
@@ -833,6 +890,9 @@ class Runtime(SegmentHooks):
         self._accumulating = False
         if self.adapters is not None:
             grads = [p.grad for p in self.adapters.params.values() if p.grad is not None]
+            if self.parallel is not None:
+                for g in grads:
+                    self.parallel.mean_(g)
             if grads and not math.isfinite(float(sum(g.float().sum() for g in grads))):
                 return self._drop("non-finite adapter gradient", backward_s)
             if self.scaler is not None:
@@ -876,7 +936,12 @@ class Runtime(SegmentHooks):
             meta["last_grad_norm"] = self._last_norm
         if self.adapters is not None:
             meta["adapters"] = self.adapters.write(self.work_dir, self.step)
-        self.store.commit(self.step, self.scheduler.written_records(), meta)
+        if self.parallel is None:
+            self.store.commit(self.step, self.scheduler.written_records(), meta)
+        else:
+            records = self.scheduler.written_records()
+            self.parallel.commit_step(self.run_dir, self.step, lambda: self.store.prepare(self.step, records, meta),
+                                      self.store.finish_prepared)
         if self.adapters is not None:
             self.adapters.committed(self.work_dir, meta["adapters"])
         self.scheduler.committed()
@@ -1017,6 +1082,9 @@ class Runtime(SegmentHooks):
             raise UserError(f"export adapters= must be 'merged' or 'separate', got {adapters!r}")
         out = Path(out_dir)
         self.commit()  # export what was trained, all of it
+        if self.parallel is not None and not self.parallel.is_main:
+            self.parallel.barrier(f"exporting to {out} (rank 0 writes)")  # every rank's store holds the same weights
+            return out
         # Export reads unit by unit and holds about one shard: free the resident units first and keep
         # shards within half the weights budget (but never below the largest tensor), so exporting
         # stays inside the memory the run was given.
@@ -1032,6 +1100,8 @@ class Runtime(SegmentHooks):
                       on_tensor=lambda name, n, done, total: shown.update(done, name, total_bytes=total))
         if self.adapters is not None and adapters == "separate":
             self.adapters.save_adapter(out / "adapter")
+        if self.parallel is not None:
+            self.parallel.barrier(f"exporting to {out} (rank 0 writes)")
         return out
 
     def reset_peaks(self) -> None:
@@ -1079,6 +1149,8 @@ class Runtime(SegmentHooks):
                 self.scheduler.close()
             finally:
                 self.store.close()
+                if self.parallel is not None:
+                    self.parallel.close()
 
     def __enter__(self) -> "Runtime":
         return self
@@ -1089,4 +1161,4 @@ class Runtime(SegmentHooks):
         # the exception: then committing would only raise again, so do not try.
         from .errors import StoreError
 
-        self.close(commit=exc_type is None or not issubclass(exc_type, (StoreError, OSError)))
+        self.close(commit=exc_type is None or not issubclass(exc_type, (StoreError, OSError, PeerLost)))

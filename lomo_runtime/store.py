@@ -44,6 +44,13 @@ Invariants:
   checked on open: a manifest that parses but was changed is refused like a
   damaged unit file. (It is a few KiB; its speed does not matter, so it stays
   zlib in every version.)
+- Two-phase commits (several ranks, each with its own store, ``lomo_runtime.dist``):
+  ``prepare`` writes the next state as ``manifest.next.json`` (atomically, like
+  a commit) and deletes nothing; once every rank has prepared, one commit
+  record outside the stores names the step, and ``finish_prepared`` renames the
+  prepared manifest over ``manifest.json``. ``open(committed_step=S)`` settles a
+  crash between the phases: a prepared manifest at step S is finished, any
+  other is deleted (its files go as unreferenced), so every rank is back at S.
 - One process owns a store at a time: ``flock(LOCK_EX | LOCK_NB)`` on
   ``work_dir/lock``. The kernel drops the lock when its holder dies, so a killed
   run never leaves a stale lock. (A child forked while the store is open shares
@@ -81,6 +88,7 @@ VERSION = 3
 All three are read."""
 READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
+PREPARED = "manifest.next.json"  # phase one of a two-phase commit (prepare / finish_prepared)
 LOCK = "lock"
 UNITS_DIR = "units"
 
@@ -314,8 +322,8 @@ def _manifest_checksum(data: dict[str, Any]) -> str:
     return f"{zlib.crc32(canonical):08x}"
 
 
-def _read_manifest(work: Path) -> dict[str, Any]:
-    path = work / MANIFEST
+def _read_manifest(work: Path, name: str = MANIFEST) -> dict[str, Any]:
+    path = work / name
     try:
         data = json.loads(path.read_text())
         if data.get("format") != FORMAT:
@@ -387,6 +395,8 @@ class WorkingStore:
         self._units: dict[str, UnitRecord] = {}
         # Written but not committed: unit -> generation -> record.
         self._pending: dict[str, dict[int, UnitRecord]] = {}
+        # A prepared commit (two-phase): (step, units, meta, records) until finish_prepared.
+        self._prepared: tuple | None = None
 
     # -- constructors --------------------------------------------------------
 
@@ -469,7 +479,8 @@ class WorkingStore:
                 if on_unit is not None:
                     done_bytes += records[name].nbytes
                     on_unit(name, len(records), done_bytes)
-            store._publish(0, records, dict(meta))
+            store._write_manifest(MANIFEST, 0, records, dict(meta))
+            store._adopt(0, records, dict(meta))
             store._pending.clear()
             store._delete_unreferenced()
         except BaseException:
@@ -479,15 +490,29 @@ class WorkingStore:
         return store
 
     @classmethod
-    def open(cls, work_dir: str | os.PathLike, *, direct: bool = True) -> "WorkingStore":
+    def open(cls, work_dir: str | os.PathLike, *, direct: bool = True, committed_step: int | None = None) -> "WorkingStore":
         """Open an existing store: take its lock, load the manifest, check every unit file's
-        size, and delete generation files the manifest does not name (an uncommitted step)."""
+        size, and delete generation files the manifest does not name (an uncommitted step).
+
+        ``committed_step``: the step a two-phase commit record names (several ranks). A prepared
+        manifest at that step is finished first; one at another step is deleted. Without it a
+        prepared manifest is always deleted (its step never became durable)."""
         work = Path(work_dir)
         if not (work / MANIFEST).is_file():
             raise StoreError(f"{work} is not a lomo-run store (no {MANIFEST})")
         store = cls(work, _acquire_lock(work), direct)
         try:
+            if (work / PREPARED).is_file():
+                prepared = _read_manifest(work, PREPARED)
+                if committed_step is not None and prepared["step"] == committed_step:
+                    os.replace(work / PREPARED, work / MANIFEST)
+                    _fsync_dir(work)
+                else:
+                    _unlink(work / PREPARED)
             manifest = _read_manifest(work)
+            if committed_step is not None and manifest["step"] != committed_step:
+                raise StoreError(f"{work / MANIFEST} is at step {manifest['step']}, but the run's commit record "
+                                 f"names step {committed_step}: this store belongs to another run or was changed")
             store._step = manifest["step"]
             store._meta = manifest["meta"]
             store._units = {rec.name: rec for rec in manifest["units"]}
@@ -609,25 +634,70 @@ class WorkingStore:
         """
         with self._state:
             self._check_open()
-            new_units = dict(self._units)
-            for name, rec in records.items():
-                if name not in new_units or rec.name != name:
-                    raise ValueError(f"commit: record for {name!r} does not match a unit of this store")
-                if rec != new_units[name] and self._pending.get(name, {}).get(rec.generation) != rec:
-                    raise ValueError(f"commit: unit {name} generation {rec.generation} was not written by write_unit")
-                new_units[name] = rec
-            new_meta = self._meta if meta is None else dict(meta)
+            new_units, new_meta = self._next_state(records, meta)
             old_units = self._units
-            self._publish(step, new_units, new_meta)
-            for name, rec in records.items():
-                if old_units[name].file != rec.file:
-                    _unlink_unreferenced(self.dir / old_units[name].file)
-                for other in self._pending.pop(name, {}).values():
-                    if other.file != rec.file:
-                        _unlink_unreferenced(self.dir / other.file)
+            try:
+                self._write_manifest(MANIFEST, step, new_units, new_meta)
+            except StoreError as e:
+                # After the rename the new manifest is what the directory shows, only not surely
+                # durable: adopt it, so that no clean-up of "uncommitted" files deletes what it names.
+                if getattr(e, "renamed", False):
+                    self._adopt(step, new_units, new_meta)
+                raise
+            self._adopt(step, new_units, new_meta)
+            self._forget_superseded(old_units, records)
 
-    def _publish(self, step: int, units: Mapping[str, UnitRecord], meta: dict[str, Any]) -> None:
-        """Write the manifest atomically (tmp, fsync, rename, fsync dir) and adopt it as committed."""
+    def prepare(self, step: int, records: Mapping[str, UnitRecord], meta: Mapping[str, Any] | None = None) -> None:
+        """Phase one of a two-phase commit: write ``step``'s manifest as ``manifest.next.json``
+        (durable, atomic) without adopting it; the committed state and its files stay as they are
+        until ``finish_prepared``. After a crash ``open(committed_step=...)`` decides."""
+        with self._state:
+            self._check_open()
+            new_units, new_meta = self._next_state(records, meta)
+            self._write_manifest(PREPARED, step, new_units, new_meta)
+            self._prepared = (int(step), new_units, new_meta, dict(records))
+
+    def finish_prepared(self) -> None:
+        """Phase two, once the run's commit record names the prepared step: adopt it."""
+        with self._state:
+            self._check_open()
+            if self._prepared is None:
+                raise RuntimeError(f"store {self.dir}: finish_prepared() without prepare()")
+            (step, new_units, new_meta, records), self._prepared = self._prepared, None
+            target = self.dir / MANIFEST
+            try:
+                fault_point("rename", target)
+                os.replace(self.dir / PREPARED, target)
+                _fsync_dir(self.dir)
+            except OSError as e:
+                raise StoreError(f"commit of step {step} failed at {target}: {e.strerror or e}") from e
+            old_units = self._units
+            self._adopt(step, new_units, new_meta)
+            self._forget_superseded(old_units, records)
+
+    def _next_state(self, records: Mapping[str, UnitRecord], meta: Mapping[str, Any] | None):
+        """The unit records and meta a commit of ``records`` makes (checked against what was written)."""
+        new_units = dict(self._units)
+        for name, rec in records.items():
+            if name not in new_units or rec.name != name:
+                raise ValueError(f"commit: record for {name!r} does not match a unit of this store")
+            if rec != new_units[name] and self._pending.get(name, {}).get(rec.generation) != rec:
+                raise ValueError(f"commit: unit {name} generation {rec.generation} was not written by write_unit")
+            new_units[name] = rec
+        return new_units, (self._meta if meta is None else dict(meta))
+
+    def _forget_superseded(self, old_units: Mapping[str, UnitRecord], records: Mapping[str, UnitRecord]) -> None:
+        """After a commit: delete the files it superseded and other uncommitted generations of its units."""
+        for name, rec in records.items():
+            if old_units[name].file != rec.file:
+                _unlink_unreferenced(self.dir / old_units[name].file)
+            for other in self._pending.pop(name, {}).values():
+                if other.file != rec.file:
+                    _unlink_unreferenced(self.dir / other.file)
+
+    def _write_manifest(self, name: str, step: int, units: Mapping[str, UnitRecord], meta: dict[str, Any]) -> None:
+        """Write a manifest as ``name`` atomically (tmp, fsync, rename, fsync dir). A failure raises
+        StoreError; its ``renamed`` is True when only the final directory fsync failed."""
         data = {
             "format": FORMAT,
             "version": VERSION,
@@ -638,7 +708,7 @@ class WorkingStore:
         }
         data["checksum"] = _manifest_checksum(data)
         text = json.dumps(data, indent=1).encode()
-        tmp = self.dir / (MANIFEST + ".tmp")
+        tmp = self.dir / (name + ".tmp")
         target = self.dir / UNITS_DIR  # what the failing call was working on, for the message
         renamed = False
         try:
@@ -655,20 +725,17 @@ class WorkingStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            target = self.dir / MANIFEST
+            target = self.dir / name
             fault_point("rename", target)
             os.replace(tmp, target)
             renamed = True
             target = self.dir
             _fsync_dir(target)
         except OSError as e:
-            # Before the rename the committed manifest is untouched. After it the new manifest
-            # is what the directory shows, only not surely durable: adopt it, so that no clean-up
-            # of "uncommitted" files deletes what it names. Either way this process must stop.
-            if renamed:
-                self._adopt(step, units, meta)
-            raise StoreError(f"commit of step {step} failed at {target}: {e.strerror or e}") from e
-        self._adopt(step, units, meta)
+            # Before the rename the committed manifest is untouched; either way this process must stop.
+            error = StoreError(f"commit of step {step} failed at {target}: {e.strerror or e}")
+            error.renamed = renamed
+            raise error from e
 
     def _adopt(self, step: int, units: Mapping[str, UnitRecord], meta: dict[str, Any]) -> None:
         """Take a published manifest as the committed state; its files are no longer pending."""
@@ -727,6 +794,7 @@ class WorkingStore:
             if match.string not in referenced:
                 deleted += _unlink_unreferenced(self.dir / UNITS_DIR / match.string)
         _unlink_unreferenced(self.dir / (MANIFEST + ".tmp"))
+        _unlink_unreferenced(self.dir / (PREPARED + ".tmp"))
         return deleted
 
     def close(self) -> None:

@@ -15,6 +15,15 @@ runtime rolls every unit back to the last commit; the loop then replays the
 steps since that commit from their recorded data positions (without logging
 them twice) and retries the dropped step with the batch after the dropped one,
 exactly as a run committing every step does.
+
+Several ranks (`--parallel replicate` under torchrun): every rank reads the global batch
+stream (`--batch-size` x W sequences per step, the batches one process with that batch size
+would see) and takes its rank's consecutive share, so the data position is the same on every
+rank and resumes as one. The loss each rank backpropagates is its label tokens' summed loss
+over the global batch's label-token count, times W: the runtime averages gradients over the
+ranks, so the update is that of the mean over the global batch, as one process computes it.
+Rank 0 alone writes metrics.jsonl, plan.json, config.yaml and the exported model; the logged
+loss and tokens are the global batch's, the memory figures rank 0's.
 """
 from __future__ import annotations
 
@@ -34,8 +43,9 @@ from .data import Batches, load_examples, load_tokenizer, pack, pad_id_of, split
 from .errors import LomoError, UserError
 from .evaluation import ChoiceExample, ChoiceResult, load_choice_examples, score_choices
 from .lora import LoraSettings
-from .progress import MetricsWriter, Progress
+from .progress import MetricsWriter, Progress, SilentStream
 from .rules import rule_by_name
+from .dist import Parallel, launched
 from .runtime import Runtime
 from .schedule import LRSchedule
 
@@ -54,8 +64,9 @@ class TrainResult:
     model_dir: Path
 
 
-def build_data(cfg: TrainConfig, max_positions: int, tokenizer: Any) -> tuple[Batches, Batches | None]:
-    """Tokenise the data file with the model's tokenizer, pack it, split off the eval share."""
+def build_data(cfg: TrainConfig, max_positions: int, tokenizer: Any, world: int = 1) -> tuple[Batches, Batches | None]:
+    """Tokenise the data file with the model's tokenizer, pack it, split off the eval share.
+    The training stream's batches are global: `world` x `--batch-size` sequences (ranks take shares)."""
     if cfg.seq_len > max_positions:
         raise UserError(
             f"--seq-len {cfg.seq_len} exceeds the model's maximum positions ({max_positions}); "
@@ -65,7 +76,7 @@ def build_data(cfg: TrainConfig, max_positions: int, tokenizer: Any) -> tuple[Ba
     train_ex, eval_ex = split_holdout(examples, cfg.eval_fraction, cfg.seed) if cfg.eval_fraction > 0 else (examples, [])
     pad = pad_id_of(tokenizer)
     train_seqs = pack(tokenize_examples(train_ex, tokenizer), cfg.seq_len, pad_id=pad)
-    train = Batches(train_seqs, cfg.batch_size, seed=cfg.seed)
+    train = Batches(train_seqs, cfg.batch_size * world, seed=cfg.seed)
     evaluation = None
     if eval_ex:
         eval_seqs = pack(tokenize_examples(eval_ex, tokenizer), cfg.seq_len, pad_id=pad, drop_tail=False)
@@ -106,17 +117,34 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if launched() and cfg.parallel is None:
+        raise UserError(f"started as one of {os.environ.get('WORLD_SIZE')} processes: pass --parallel replicate "
+                        "(each rank trains on its share of the batch), or start one process")
+    par = Parallel(cfg.parallel) if cfg.parallel else None
+    try:
+        return _train(cfg, par)
+    finally:
+        if par is not None:
+            par.close()
+
+
+def _train(cfg: TrainConfig, par: Parallel | None) -> TrainResult:
+    main = par is None or par.is_main  # writes the outputs and prints progress
+    world = 1 if par is None else par.world
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     work_dir = Path(cfg.offload_dir) if cfg.offload_dir else out / "store"
-    if cfg.resume and not (work_dir / "manifest.json").exists():
+    if cfg.resume and par is None and not (work_dir / "manifest.json").exists():
         raise UserError(f"--resume: no working store at {work_dir} to resume from")
+    if par is not None:
+        par.same_everywhere(cfg.to_yaml(), "the settings")
 
     from .checkpoint import Checkpoint
 
     checkpoint = Checkpoint.open(cfg.model)  # validate weights before any data work
     tokenizer = load_tokenizer(cfg.model)  # one tokenizer for training data and multiple-choice eval
-    train_batches, eval_batches = build_data(cfg, checkpoint.arch.max_positions(checkpoint.config), tokenizer)
+    train_batches, eval_batches = build_data(cfg, checkpoint.arch.max_positions(checkpoint.config), tokenizer,
+                                             world=world)
     choices = load_choice_examples(cfg.eval_data) if cfg.eval_data else None
 
     rule = rule_by_name(cfg.rule, lr=cfg.lr, weight_decay=cfg.weight_decay, clip_grad_value=cfg.clip_grad_value,
@@ -127,7 +155,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         dtype=cfg.torch_dtype, prefetch_depth=cfg.prefetch_depth, io_threads=cfg.io_threads, resume=cfg.resume,
         seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, master_weights=cfg.master_weights,
         stochastic_rounding=cfg.stochastic_rounding, grad_accumulation=cfg.grad_accum_steps > 1,
-        checkpoint=checkpoint, heap_keep=cfg.heap_keep or 0, heap_trim=cfg.heap_trim, commit_every=cfg.commit_every, progress_stream=sys.stderr,
+        checkpoint=checkpoint, heap_keep=cfg.heap_keep or 0, heap_trim=cfg.heap_trim, commit_every=cfg.commit_every,
+        progress_stream=sys.stderr if main else None, parallel=par,
         commit_interval_s=parse_duration(cfg.commit_interval, "--commit-interval") if cfg.commit_interval else None,
     )
     with rt:
@@ -136,14 +165,18 @@ def train(cfg: TrainConfig) -> TrainResult:
             rt.add_lora(LoraSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                      target_modules=targets, lr=cfg.lora_lr), train_base=not cfg.lora_only)
         # Written only now, under the store's lock: a refused second run must not touch this run's files.
-        (out / "config.yaml").write_text(cfg.to_yaml())
-        _write_plan(rt, cfg, out)
+        if main:
+            (out / "config.yaml").write_text(cfg.to_yaml())
+            _write_plan(rt, cfg, out)
         state = rt.store.meta.get("trainer")
         if cfg.resume and state:
             train_batches.load_state_dict(state["batches"])
-        metrics = MetricsWriter(out / "metrics.jsonl", truncate_after_step=rt.step)
-        _recover_last_metrics(metrics, out / "metrics.jsonl", state, rt.step)
-        progress = Progress(cfg.steps, start_step=rt.step)
+        if main:
+            metrics = MetricsWriter(out / "metrics.jsonl", truncate_after_step=rt.step)
+            _recover_last_metrics(metrics, out / "metrics.jsonl", state, rt.step)
+        else:
+            metrics = _NoMetrics()
+        progress = Progress(cfg.steps, start_step=rt.step, stream=None if main else SilentStream())
         last_loss: float | None = None
         eval_loss: float | None = None
         dropped_in_a_row = 0
@@ -165,7 +198,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 positions[step] = train_batches.state_dict()
                 replay = step < logged_upto
                 lr = schedule.lr_at(step)
-                torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on (seed, step) only
+                # Dropout masks depend on (seed, step, rank) only; rank 0 draws what one process would.
+                torch.manual_seed(cfg.seed * 1_000_003 + step + (0 if par is None else par.rank * 7_919_000_003))
                 read0, write0 = stats.read_bytes, stats.write_bytes
                 rt.reset_peaks()
                 started = time.perf_counter()
@@ -174,12 +208,22 @@ def train(cfg: TrainConfig) -> TrainResult:
                 phases = dict.fromkeys(("forward_s", "backward_s", "read_wait_s", "write_wait_s", "commit_s"), 0.0)
                 for micro in range(k):
                     ids, labels = next(train_batches)
+                    if par is not None:  # this rank's share of the global batch
+                        share = slice(par.rank * cfg.batch_size, (par.rank + 1) * cfg.batch_size)
+                        ids, labels = ids[share], labels[share]
                     with _phase(phases, "forward_s", stats):
-                        loss = rt.model(input_ids=ids, labels=labels).loss / k
+                        output = rt.model(input_ids=ids, labels=labels)
+                    n = tokens_in((ids, labels))  # positions the loss covers (prompt tokens excluded)
                     # Each micro-batch's mean loss is scaled by 1/k, so the applied gradient is the mean over all.
-                    last_loss += float(loss.item())
-                    tokens += ids.numel()  # positions run through forward and backward (the compute)
-                    loss_tokens += tokens_in((ids, labels))  # positions the loss covers (prompt tokens excluded)
+                    if par is None:
+                        loss, n_all = output.loss / k, n
+                        last_loss += float(loss.item())
+                    else:
+                        loss, mean_loss, n_all = _global_loss(par, output, n)
+                        loss = loss / k
+                        last_loss += mean_loss / k
+                    tokens += ids.numel() * world  # positions run through forward and backward (the compute)
+                    loss_tokens += n_all
                     final = micro == k - 1
                     # What a crash between commit and the metrics line must not lose travels with the commit.
                     summary = {"step": step + 1, "loss": last_loss, "tokens": tokens, "loss_tokens": loss_tokens, "lr": lr}
@@ -267,6 +311,30 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(steps=cfg.steps, final_loss=last_loss, eval_loss=eval_loss, model_dir=model_dir)
 
 
+def _global_loss(par: Parallel, output: Any, n: int) -> tuple[torch.Tensor, float, int]:
+    """(the loss this rank backpropagates, the global batch's mean loss, its label tokens).
+
+    Its label tokens' summed loss over the global count, times W: averaged over the ranks the
+    gradient is that of the global mean. A rank without label tokens contributes zeros."""
+    totals = torch.tensor([float(n), float(output.loss.detach()) * n if n else 0.0], dtype=torch.float64)
+    par.sum_(totals)
+    n_all, summed = int(totals[0].item()), float(totals[1].item())
+    if n_all == 0:
+        return output.loss, float("nan"), 0  # nothing to learn from anywhere: the step is dropped
+    loss = output.loss * (n * par.world / n_all) if n else output.logits.sum() * 0.0
+    return loss, summed / n_all, n_all
+
+
+class _NoMetrics:
+    """metrics.jsonl on ranks other than 0: rank 0 writes it."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def _phase(phases: dict[str, float], name: str, stats: Any) -> Iterator[None]:
     """Add the wall time of the block to `phases[name]`, less the I/O waits inside it, which go to
@@ -302,6 +370,9 @@ def _recover_last_metrics(metrics: MetricsWriter, path: Path, state: dict | None
 def _export(rt: Runtime, target: Path, adapters: str = "merged") -> Path:
     """Export to a temporary sibling and rename, so a crash never leaves a half-written model."""
     tmp = target.with_name(target.name + ".partial")
+    if rt.parallel is not None and not rt.parallel.is_main:
+        rt.export(tmp, adapters=adapters)  # commits with the others; rank 0 writes
+        return target
     if tmp.exists():
         shutil.rmtree(tmp)
     rt.export(tmp, adapters=adapters)

@@ -1,6 +1,8 @@
 """`lomo-run train`: flags over the YAML config over defaults, then `trainer.train`."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from . import cli
@@ -55,6 +57,9 @@ from ..config import load_yaml, merge
 @click.option("--lora-only/--no-lora-only", default=None, help="Freeze the base weights: train only the adapters.")
 @click.option("--lora-export", type=click.Choice(["merged", "separate"]),
               help="Export W + BA (default), or the trained base model plus OUT/model/adapter.")
+@click.option("--parallel", type=click.Choice(["replicate", "shard"]),
+              help="Under torchrun: replicate (every rank holds the model, gradients averaged); "
+                   "--batch-size is per rank.")
 def train_command(config_file: str | None, **flags: object) -> None:
     """Fine-tune every parameter with fused LOMO updates, streaming weights within the budget."""
     from ..trainer import train
@@ -62,4 +67,5 @@ def train_command(config_file: str | None, **flags: object) -> None:
     layers = [load_yaml(config_file)] if config_file else []
     cfg = merge(*layers, flags)
     result = train(cfg)
-    click.echo(f"trained {result.steps} steps; model written to {result.model_dir}")
+    if os.environ.get("RANK", "0") == "0":  # one line from a run of several ranks
+        click.echo(f"trained {result.steps} steps; model written to {result.model_dir}")
