@@ -194,6 +194,7 @@ class Runtime(SegmentHooks):
         self.dtype = dtype
         # With several ranks: the run's directory holds the commit record and one store per rank.
         self.parallel: Parallel | None = Parallel(parallel, device=device) if isinstance(parallel, str) else parallel
+        self._owns_parallel = isinstance(parallel, str)  # made here: closed here (a caller's stays open)
         self.run_dir = Path(work_dir)
         self.work_dir = self.run_dir if self.parallel is None else rank_dir(self.run_dir, self.parallel.rank)
         # Freed heap kept mapped for reuse between units (memory.release_freed_heap); the planner adds it.
@@ -1149,7 +1150,7 @@ class Runtime(SegmentHooks):
                 self.scheduler.close()
             finally:
                 self.store.close()
-                if self.parallel is not None:
+                if self._owns_parallel:
                     self.parallel.close()
 
     def __enter__(self) -> "Runtime":

@@ -45,7 +45,7 @@ from .evaluation import ChoiceExample, ChoiceResult, load_choice_examples, score
 from .lora import LoraSettings
 from .progress import MetricsWriter, Progress, SilentStream
 from .rules import rule_by_name
-from .dist import Parallel, launched
+from .dist import Parallel, launched, stop_on_sigterm
 from .runtime import Runtime
 from .schedule import LRSchedule
 
@@ -121,6 +121,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise UserError(f"started as one of {os.environ.get('WORLD_SIZE')} processes: pass --parallel replicate "
                         "(each rank trains on its share of the batch), or start one process")
     par = Parallel(cfg.parallel) if cfg.parallel else None
+    if par is not None:
+        stop_on_sigterm()
     try:
         return _train(cfg, par)
     finally:

@@ -63,6 +63,24 @@ def rank_dir(root: str | os.PathLike, rank: int) -> Path:
     return Path(root) / f"rank-{rank}"
 
 
+def stop_on_sigterm() -> None:
+    """Under a launcher, SIGTERM means another rank failed and the launcher stops the rest
+    (torchrun does, and names the failed rank in its summary): say so in one line and exit at
+    once. Nothing is lost: the stores are at the last commit, and uncommitted files go at --resume."""
+    import signal
+    import sys
+
+    def handler(signum, frame):  # noqa: ARG001
+        rank = os.environ.get("RANK", "?")
+        sys.stderr.write(f"lomo-run: rank {rank}: stopped by the launcher (SIGTERM), usually because another rank "
+                         "failed (the launcher's summary names it); the working store is at its last commit: "
+                         "continue with --resume\n")
+        sys.stderr.flush()
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def launched() -> bool:
     """Is this process one of several started by a launcher (WORLD_SIZE set above 1)?"""
     try:
@@ -204,22 +222,22 @@ class Parallel:
                 return  # the store is gone (its host died): collectives will say so
 
     def _silent_ranks(self) -> list[int]:
-        """Ranks whose heartbeat is older than three intervals (waits that long for a fresh view)."""
+        """Ranks whose heartbeat did not move while we watched for 2.5 intervals (5 s)."""
         if self._store is None:
             return []
-        time.sleep(HEARTBEAT_S * 1.5)
-        now = time.time()
-        silent = []
-        for r in range(self.world):
-            if r == self.rank:
-                continue
+
+        def stamps() -> dict[int, bytes] | None:
             try:
-                stamp = float(self._store.get(f"lomo/alive/{r}").decode())
+                return {r: self._store.get(f"lomo/alive/{r}") for r in range(self.world) if r != self.rank}
             except Exception:
-                return []  # the store itself is unreachable: cannot tell
-            if now - stamp > 3 * HEARTBEAT_S:
-                silent.append(r)
-        return silent
+                return None  # the store itself is unreachable (its host is the lost one): cannot tell
+
+        before = stamps()
+        time.sleep(HEARTBEAT_S * 2.5)
+        after = stamps()
+        if before is None or after is None:
+            return []
+        return [r for r in before if before[r] == after[r]]
 
 
 def write_commit_record(root: Path, record: dict[str, Any]) -> None:
