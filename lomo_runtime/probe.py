@@ -31,6 +31,9 @@ DEFAULTS = {
     "disk_write_bps": 1.0e9,
     "flops_per_s": 5.0e10,       # fp32 matmul on 2 cores
     "h2d_bps": 1.2e10,           # PCIe 3 x16, pinned
+    # gloo between two ranks on this 2-core machine: a 64 MiB fp32 all-reduce in 53 ms, 1.26 GB/s
+    # (median of 5). NCCL on NVLink is two orders of magnitude faster: pass --allreduce-bw there.
+    "allreduce_bps": 1.2e9,
     "framework_bytes": 390 * 2**20,  # measured here: torch 2.13 + transformers 5.24 + one tiny step
 }
 

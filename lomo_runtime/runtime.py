@@ -255,6 +255,10 @@ class Runtime(SegmentHooks):
         self._touched = False        # this step's backward changed some unit (a drop must roll back)
         self._kept_pins: list[tuple[Segment, KeptGraph]] = []  # kept graphs whose backward has not run
         self._forwards = 0           # training forwards in the current step (a loss may use several)
+        # Gradient all-reduces in flight (several ranks): (param, info, gradient, work), oldest first.
+        self._reductions: list[tuple[nn.Parameter, _ParamInfo, torch.Tensor, Any]] = []
+        self._reduce_mark = 0
+        self.reduce_wait_s = 0.0     # time the compute thread waited on them (cumulative)
         self._head_first = next(s for s in self.segments if s.may_keep_graph)
         self._accumulating = False   # micro-batches accumulated, their step not yet applied
         self._commit_meta: dict = {}  # the caller's latest commit_meta, committed with the next commit
@@ -616,6 +620,7 @@ class Runtime(SegmentHooks):
         self.progress_stream.flush()
 
     def segment_backward_begin(self, segment: Segment) -> None:
+        self._reduce_mark = len(self._reductions)  # reductions launched before this segment's backward
         self.scheduler.acquire(segment.needs)
         if self._mode != "norm":
             self.scheduler.ensure_writable(segment.needs)  # the update writes into these buffers
@@ -631,12 +636,17 @@ class Runtime(SegmentHooks):
         if self.progress_stream is not None:
             self._note_unit("backward", segment)
         self._outstanding[segment.owner] -= 1
+        if self._reductions:
+            # The previous segment's all-reduces overlapped this one's backward: apply them now,
+            # and leave this segment's in flight over the next one's.
+            self._finish_reductions(keep=len(self._reductions) - self._reduce_mark)
         for name in segment.needs:
             self._maybe_finish_unit(self.scheduler.units[name])
 
     def _maybe_finish_unit(self, unit: Unit) -> None:
         """All of the unit's gradients are in: apply held ones (per-unit clipping), then write it back."""
-        if self._outstanding[unit.name] or unit.pending_grads or self._failed is not None or self._mode == "norm":
+        if (self._outstanding[unit.name] or unit.pending_grads or unit.reducing or self._failed is not None
+                or self._mode == "norm"):
             return
         if unit.name in self._unit_sq_norm:
             coef = min(1.0, self.rule.clip_grad_norm / (math.sqrt(self._unit_sq_norm.pop(unit.name)) + 1e-6))
@@ -673,6 +683,7 @@ class Runtime(SegmentHooks):
                     self._consume_grad(param, info)
                 finally:
                     self.scheduler.release([info.unit.name])
+        self._finish_reductions()
         for name, left in self._outstanding.items():
             if left:
                 self._outstanding[name] = 0
@@ -727,7 +738,17 @@ class Runtime(SegmentHooks):
                 accum.zero_()
                 self._mark_updated(unit)
         if self.parallel is not None:
-            self.parallel.mean_(grad)  # every rank now holds the same gradient: the same decisions follow
+            # Averaged over the ranks, asynchronously: the next segment's backward overlaps the
+            # all-reduce, and the update follows when it lands (`_finish_reductions`). Every rank
+            # then holds the same gradient, so the same decisions follow.
+            self._reductions.append((param, info, grad, self.parallel.start_sum(grad)))
+            unit.reducing += 1  # the unit is not finished (nor evicted, but as a last resort) until then
+            return
+        self._update_from(param, info, grad)
+
+    def _update_from(self, param: torch.Tensor, info: _ParamInfo, grad: torch.Tensor) -> None:
+        """The complete (reduced) fp32 gradient of `param`: check it, then clip and apply it."""
+        unit = info.unit
         self._check_finite(grad, info)
         norm = _dense_part(grad).norm(2.0) if self.rule.clip_grad_norm else None
         if self._mode == "norm":
@@ -745,6 +766,40 @@ class Runtime(SegmentHooks):
         if self._clip_coef != 1.0:
             grad = _scale(grad, self._clip_coef)
         self._apply(param, info, grad)
+
+    def _finish_reductions(self, keep: int = 0) -> None:
+        """Wait for the gradient all-reduces in flight but the newest `keep`, and apply their updates."""
+        finished: dict[str, Unit] = {}  # in order, once each
+        try:
+            while len(self._reductions) > keep:
+                param, info, grad, work = self._reductions[0]
+                waited = time.perf_counter()
+                self.parallel.wait(work, "a gradient all-reduce")
+                self.reduce_wait_s += time.perf_counter() - waited
+                self._reductions.pop(0)
+                info.unit.reducing -= 1
+                finished[info.unit.name] = info.unit
+                if self._failed is not None:
+                    continue  # the step is lost already: the gradient is only freed
+                grad.div_(self.parallel.world)
+                self.scheduler.pin_resident(info.unit.name)  # resident already, unless the budget needed it
+                try:
+                    self._update_from(param, info, grad)
+                finally:
+                    self.scheduler.release([info.unit.name])
+        finally:
+            for unit in finished.values():
+                self._maybe_finish_unit(unit)
+
+    def _drain_reductions(self) -> None:
+        """Wait for every all-reduce in flight and forget its gradient (a dropped or abandoned step):
+        every rank launched the same ones, so they all complete."""
+        for _, info, _, work in self._reductions:
+            try:
+                self.parallel.wait(work, "a gradient all-reduce")
+            finally:
+                info.unit.reducing -= 1
+        self._reductions = []
 
     def _check_finite(self, grad: torch.Tensor, info: _ParamInfo) -> None:
         # One reduction instead of isfinite().all() (a bool tensor, then a second pass: 18x slower,
@@ -989,6 +1044,7 @@ class Runtime(SegmentHooks):
 
     def _end_pass(self) -> None:
         self._drop_kept_graphs()
+        self._drain_reductions()
         self._in_step = False
         self._failed = None
         self._touched = False
@@ -1005,7 +1061,7 @@ class Runtime(SegmentHooks):
             info.held = None
             param.grad = None
         for unit in self.scheduler.units.values():
-            unit.pending_grads = unit.held_grads = 0
+            unit.pending_grads = unit.held_grads = unit.reducing = 0
         self._forwards = 0
         self._set_keep_graph()  # for the next step: whether it clips in two passes is known now
 

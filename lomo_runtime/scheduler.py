@@ -68,6 +68,7 @@ class Unit:
     pins: int = 0                                  # segments running with this unit right now
     pending_grads: int = 0                         # gradients accumulated but not yet applied
     held_grads: int = 0                            # complete gradients held for the unit's clip norm (clip_mode="unit")
+    reducing: int = 0                              # gradients in an all-reduce across ranks, not yet applied
     updated: bool = False                          # weights or state changed since the last commit
     dirty: bool = False                            # changed since its last write-back began
     settled: bool = True                           # every update of this step is applied (a dirty unit may be written)
@@ -280,6 +281,7 @@ class Scheduler:
             and unit.pins == 0
             and unit.pending_grads == 0
             and unit.held_grads == 0
+            and unit.reducing == 0
             and (not unit.dirty or (allow_dirty and unit.settled))
         )
 
@@ -373,7 +375,7 @@ class Scheduler:
         self._count_waits = False
         try:
             for unit in self.units.values():
-                if unit.pending_grads or unit.held_grads:
+                if unit.pending_grads or unit.held_grads or unit.reducing:
                     raise RuntimeError(f"internal error: unit {unit.name} holds gradients not applied at a commit")
                 if unit.dirty:
                     if not unit.settled or unit.state is UnitState.ON_DISK:
@@ -495,7 +497,7 @@ class Scheduler:
                 unit.dirty = False
                 unit.written = None
             unit.settled = True
-            unit.pending_grads = unit.held_grads = 0
+            unit.pending_grads = unit.held_grads = unit.reducing = 0
 
     def close(self) -> None:
         try:
@@ -506,7 +508,7 @@ class Scheduler:
             for unit in self.units.values():
                 if unit.state is not UnitState.ON_DISK:
                     unit.pins = 0
-                    unit.pending_grads = unit.held_grads = 0
+                    unit.pending_grads = unit.held_grads = unit.reducing = 0
                     if unit.bound:
                         self._unbind(unit)
                     self.pool.release(unit.buffer)

@@ -208,6 +208,8 @@ def _train(cfg: TrainConfig, par: Parallel | None) -> TrainResult:
                 k = cfg.grad_accum_steps
                 last_loss, tokens, loss_tokens = 0.0, 0, 0
                 phases = dict.fromkeys(("forward_s", "backward_s", "read_wait_s", "write_wait_s", "commit_s"), 0.0)
+                if par is not None:
+                    phases["reduce_wait_s"] = 0.0  # waits on gradient all-reduces, out of backward_s
                 for micro in range(k):
                     ids, labels = next(train_batches)
                     if par is not None:  # this rank's share of the global batch
@@ -229,11 +231,15 @@ def _train(cfg: TrainConfig, par: Parallel | None) -> TrainResult:
                     final = micro == k - 1
                     # What a crash between commit and the metrics line must not lose travels with the commit.
                     summary = {"step": step + 1, "loss": last_loss, "tokens": tokens, "loss_tokens": loss_tokens, "lr": lr}
+                    reduce_waits = rt.reduce_wait_s
                     with _phase(phases, "backward_s", stats):
                         result = rt.backward(loss, lr=lr, accumulate=not final, adapter_lr=cfg.lora_lr * lr / cfg.lr, commit_meta={
                             "trainer": {"batches": train_batches.state_dict(), "last_metrics": summary,
                                         "dropped_total": dropped_total}} if final else None)
                     phases["backward_s"] -= result.commit_s
+                    if par is not None:
+                        phases["reduce_wait_s"] += rt.reduce_wait_s - reduce_waits
+                        phases["backward_s"] -= rt.reduce_wait_s - reduce_waits
                     phases["commit_s"] += result.commit_s
                     if result.dropped:
                         break
@@ -405,7 +411,8 @@ def _write_plan(rt: Runtime, cfg: TrainConfig, out: Path) -> None:
                     weights_budget=rt.weights_budget, prefetch_depth=cfg.prefetch_depth,
                     master_weights=rt.master_weights, grad_accumulation=rt.grad_accumulation,
                     row_updates=rt.row_updates,
-                    heap_keep=rt.heap_keep)
+                    heap_keep=rt.heap_keep,
+                    **({} if rt.parallel is None else {"nproc": rt.parallel.world, "parallel": rt.parallel.mode}))
     predicted = plan(spec, run, load_machine(rt.device, cfg.dtype))
     tmp = out / "plan.json.tmp"
     tmp.write_text(json.dumps(predicted.to_json(), indent=1))

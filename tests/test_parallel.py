@@ -243,3 +243,26 @@ def test_without_torchrun_a_lost_rank_is_named_by_the_survivor(job: dict[str, Pa
     assert proc.returncode == 0, proc.stderr[-5000:]
     ours, ref = _weights(out / "model"), _weights(replicated / "model")
     assert all(bool((ours[k] == ref[k]).all()) for k in ref), "resumed run differs from the uninterrupted one"
+
+
+def test_plan_per_rank_for_replicate() -> None:
+    """`plan --nproc W --parallel replicate`: one process's figures at the per-rank batch, plus one
+    unit's fp32 gradients held while their all-reduce is in flight, and the all-reduce's bytes."""
+    from lomo_runtime.checkpoint.checkpoint import load_config
+    from lomo_runtime.planner import RunConfig, plan
+    from lomo_runtime.probe import load_machine
+
+    config = load_config(REPO / "configs" / "models" / "llama-7b")
+    machine = load_machine("cpu", "bf16", host_memory=2**40)
+    one = plan(config, RunConfig(seq_len=256, dtype="bf16", weights_budget=2**30), machine)
+    two = plan(config, RunConfig(seq_len=256, dtype="bf16", weights_budget=2**30, nproc=2, parallel="replicate"), machine)
+    block = 4 * (config["hidden_size"] * config["hidden_size"] * 4
+                 + 3 * config["hidden_size"] * config["intermediate_size"] + 2 * config["hidden_size"])
+    assert two.memory["reduce_in_flight_bytes"] == block
+    assert two.peak_host_bytes == one.peak_host_bytes + block
+    assert two.nvme_bytes == one.nvme_bytes and two.io_bytes_per_step == one.io_bytes_per_step
+    assert two.allreduce_bytes_per_step == 4 * one.params
+    assert two.times_s["network"] == pytest.approx(4 * one.params / machine.allreduce_bps)
+    proc = subprocess.run([sys.executable, "-m", "lomo_runtime", "plan", "--model", str(REPO / "configs/models/llama-7b"),
+                           "--nproc", "2"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "--parallel replicate" in proc.stderr, proc.stderr

@@ -35,12 +35,17 @@ def _size(value: str | None, what: str) -> int | None:
 @click.option("--disk-read-bw", type=float, default=None, help="Override disk read bytes/s.")
 @click.option("--disk-write-bw", type=float, default=None, help="Override disk write bytes/s.")
 @click.option("--h2d-bw", type=float, default=None, help="Override host-device copy bytes/s (CUDA).")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ranks (torchrun --nproc-per-node x nodes); --batch-size is per rank.")
+@click.option("--parallel", type=click.Choice(["replicate", "shard"]), default=None,
+              help="How the ranks split the work (with --nproc above 1).")
+@click.option("--allreduce-bw", type=float, default=None, help="Override all-reduce bytes/s between ranks.")
 @click.option("--max-batch-size", is_flag=True, help="Search the largest batch size that fits.")
 @click.option("--max-seq-len", is_flag=True, help="Search the longest sequence that fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan_command(model_dir, seq_len, batch_size, device, dtype, rule, memory_budget, weights_budget, heap_keep, host_memory,
-                 offload_dir, prefetch_depth, flops, disk_read_bw, disk_write_bw, h2d_bw, max_batch_size,
-                 max_seq_len, as_json) -> None:
+                 offload_dir, prefetch_depth, flops, disk_read_bw, disk_write_bw, h2d_bw, nproc, parallel,
+                 allreduce_bw, max_batch_size, max_seq_len, as_json) -> None:
     """Predict peak memory, I/O and step time of a training job, and whether it fits."""
     if max_batch_size and max_seq_len:
         raise click.UsageError("--max-batch-size and --max-seq-len: choose one")
@@ -49,13 +54,14 @@ def plan_command(model_dir, seq_len, batch_size, device, dtype, rule, memory_bud
     machine = load_machine(device, dtype, nvme_dir=offload_dir, host_memory=_size(host_memory, "--host-memory"),
                            device_memory=budget if device == "cuda" else None)
     for attr, value in (("flops_per_s", flops), ("disk_read_bps", disk_read_bw),
-                        ("disk_write_bps", disk_write_bw), ("h2d_bps", h2d_bw)):
+                        ("disk_write_bps", disk_write_bw), ("h2d_bps", h2d_bw), ("allreduce_bps", allreduce_bw)):
         if value is not None:
             setattr(machine, attr, value)
             machine.source[attr] = "flag"
     run = RunConfig(seq_len=seq_len, batch_size=batch_size, dtype=dtype, rule=rule, device=device,
                     memory_budget=budget, weights_budget=_size(weights_budget, "--weights-budget"),
-                    prefetch_depth=prefetch_depth, heap_keep=_size(heap_keep, "--heap-keep") or 0)
+                    prefetch_depth=prefetch_depth, heap_keep=_size(heap_keep, "--heap-keep") or 0,
+                    nproc=nproc, parallel=parallel)
     if max_batch_size or max_seq_len:
         result = largest_fitting(config, run, machine, "batch_size" if max_batch_size else "seq_len")
     else:

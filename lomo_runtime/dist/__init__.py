@@ -133,6 +133,13 @@ class Parallel:
         self._call("a gradient all-reduce", lambda: self._dist.all_reduce(tensor))
         return tensor.div_(self.world)
 
+    def start_sum(self, tensor: torch.Tensor):
+        """Begin summing `tensor` over the ranks in place; `wait` on the returned work."""
+        return self._call("a gradient all-reduce", lambda: self._dist.all_reduce(tensor, async_op=True))
+
+    def wait(self, work, what: str) -> None:
+        self._call(what, work.wait)
+
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place."""
         self._call("an all-reduce", lambda: self._dist.all_reduce(tensor))

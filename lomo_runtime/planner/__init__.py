@@ -51,7 +51,8 @@ def weights_budget_for_memory(runtime: Any, memory_budget: int, seq_len: int | N
                     device=runtime.device, memory_budget=memory_budget,
                     master_weights=runtime.master_weights, grad_accumulation=runtime.grad_accumulation,
                     row_updates=runtime.row_updates,
-                    heap_keep=runtime.heap_keep)
+                    heap_keep=runtime.heap_keep,
+                    **({} if runtime.parallel is None else {"nproc": runtime.parallel.world, "parallel": runtime.parallel.mode}))
     p = plan(spec, run, machine)
     if not p.fits:
         raise DoesNotFit(f"memory budget {format_size(memory_budget)}: {p.reason}; {p.suggestion}")

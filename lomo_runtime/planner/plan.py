@@ -21,6 +21,14 @@ Step time is the largest of three bounds, assuming prefetch overlaps I/O with
 compute: compute (traced FLOPs / probed FLOP/s), disk (units read / read
 bandwidth + every unit written back each step / write bandwidth) and, on
 CUDA, host-device copies.
+
+Several ranks (`nproc` W, `parallel="replicate"`): every figure is per rank, at the per-rank
+batch. Each rank holds its own full store and streams it as one process would, so memory,
+disk and I/O per rank are one process's, plus the fp32 gradients of one unit whose all-reduce
+is still in flight while the next unit's backward runs (`reduce_in_flight_bytes`); a node
+running W ranks needs W times the host memory and disk. The all-reduce moves every fp32
+gradient once per step; it overlaps backward, so it is a fourth bound ("network"), at
+`allreduce_bps`.
 """
 from __future__ import annotations
 
@@ -76,6 +84,9 @@ class Plan:
     memory: dict[str, int]            # the categories behind the peaks
     budget_bytes: int                 # the memory the plan had to fit (device; host on CPU)
     suggestion: str
+    nproc: int = 1                    # ranks; with more than one every figure above is per rank
+    parallel: str | None = None
+    allreduce_bytes_per_step: int = 0  # gradient bytes each rank all-reduces per step
     alternatives: list[Alternative] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
 
@@ -173,6 +184,11 @@ def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) ->
         raise UserError(f"seq_len {run.seq_len} exceeds the model's {max_pos} positions")
     budget = _budget(run, machine)
     fixed, cats = _fixed_bytes(spec, run, machine)
+    if run.nproc > 1:
+        # The previous unit's fp32 gradients, held until their all-reduce lands (runtime._finish_reductions).
+        in_flight = 4 * max(u.params for u in spec.units)
+        cats["reduce_in_flight_bytes"] = in_flight
+        fixed += in_flight
     floor = min_weights_budget(spec, run.prefetch_depth)
     if run.weights_budget is not None:
         if run.weights_budget < floor:
@@ -213,6 +229,10 @@ def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) ->
     }
     if run.device == "cuda":
         times["host-device"] = (read_bytes + write_bytes) / machine.h2d_bps
+    comm_bytes = 0
+    if run.nproc > 1:
+        comm_bytes = 4 * spec.params  # fp32 gradients, all-reduced once per step
+        times["network"] = comm_bytes / machine.allreduce_bps
     bound = max(times, key=lambda k: times[k])
     step_s = times[bound]
 
@@ -252,7 +272,8 @@ def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) ->
         io_bytes_per_step=disk_read + write_bytes, read_bytes_per_step=disk_read, write_bytes_per_step=write_bytes,
         est_step_time_s=step_s, bound=bound, times_s=times,
         tokens_per_s=run.batch_size * run.seq_len / step_s if step_s > 0 else float("inf"),
-        weights_budget=wbudget, min_weights_budget=floor,
+        weights_budget=wbudget, min_weights_budget=floor, nproc=run.nproc, parallel=run.parallel,
+        allreduce_bytes_per_step=comm_bytes,
         prefetch_depth=run.prefetch_depth, placement=placement, memory=cats, budget_bytes=budget,
         suggestion=suggestion, alternatives=alternatives, machine=asdict(machine),
     )
@@ -293,7 +314,8 @@ def format_plan(p: Plan) -> str:
     streamed = [u for u, s in p.placement.items() if s == "streamed"]
     lines = [
         f"model      {p.model_type}, {p.params / 1e9:.3g}B params, {p.dtype}, rule {p.rule}",
-        f"job        batch {p.batch_size} x seq {p.seq_len} = {p.batch_size * p.seq_len:,} tokens/step on {p.device}",
+        f"job        batch {p.batch_size} x seq {p.seq_len} = {p.batch_size * p.seq_len:,} tokens/step on {p.device}"
+        + (f", per rank of {p.nproc} ({p.parallel}; figures per rank)" if p.nproc > 1 else ""),
         f"fits       {'yes' if p.fits else 'NO: ' + p.reason}",
         f"budget     {format_size(p.budget_bytes)}",
         "",
@@ -306,6 +328,8 @@ def format_plan(p: Plan) -> str:
         f"  activations + transients     {format_size(m['activation_bytes']):>10}"
         f"   (+{format_size(m['activation_per_block_bytes'])}/block; gradient transient "
         f"{format_size(m['gradient_transient_bytes'])})",
+        *([f"  all-reduce in flight         {format_size(m['reduce_in_flight_bytes']):>10}   (one unit's fp32 gradients)"]
+          if p.nproc > 1 else []),
         f"  peak device                  {format_size(p.peak_device_bytes):>10}",
         f"  peak host                    {format_size(p.peak_host_bytes):>10}",
         f"  working store (NVMe)         {format_size(p.nvme_bytes):>10}",
@@ -314,7 +338,8 @@ def format_plan(p: Plan) -> str:
         f"prefetch depth {p.prefetch_depth}",
         f"           {len(p.placement) - len(streamed)} units resident, {len(streamed)} streamed"
         + (f" ({streamed[0]} .. {streamed[-1]})" if streamed else ""),
-        f"io/step    read {format_size(p.read_bytes_per_step)}, write {format_size(p.write_bytes_per_step)}",
+        f"io/step    read {format_size(p.read_bytes_per_step)}, write {format_size(p.write_bytes_per_step)}"
+        + (f", all-reduce {format_size(p.allreduce_bytes_per_step)}" if p.nproc > 1 else ""),
         "step time  " + ", ".join(f"{k} {v:.3g} s" for k, v in p.times_s.items())
         + f"  ->  {p.est_step_time_s:.3g} s ({p.bound}-bound), {p.tokens_per_s:,.0f} tokens/s",
         "",

@@ -163,7 +163,16 @@ class RunConfig:
     """The input embedding's gradient is the rows a batch used (`Runtime.row_updates_exact`); None:
     where exact with the default weight decay of 0 (sgd, fp32, untied, no accumulation)."""
 
+    nproc: int = 1
+    """Ranks (`torchrun --nproc-per-node`, times nodes); batch_size is per rank."""
+    parallel: str | None = None
+    """With nproc > 1: "replicate" (every rank holds the model; gradients all-reduced)."""
+
     def check(self) -> None:
+        if self.nproc < 1:
+            raise UserError(f"nproc must be >= 1, got {self.nproc}")
+        if self.nproc > 1 and self.parallel != "replicate":
+            raise UserError("--nproc above 1 needs --parallel replicate (shard is not implemented yet)")
         if self.seq_len < 1 or self.batch_size < 1:
             raise UserError(f"seq_len and batch_size must be >= 1, got {self.seq_len} and {self.batch_size}")
         self.dtype = dtype_name(self.dtype)
@@ -189,6 +198,8 @@ class Machine:
     """Sustained matmul FLOP/s in the run's dtype on the compute device."""
     h2d_bps: float = 1.2e10
     """Host-to-device copy bandwidth (CUDA; ~12 GB/s for PCIe 3 x16 pinned)."""
+    allreduce_bps: float = 1.2e9
+    """All-reduce algorithm bandwidth between ranks (bytes reduced per second)."""
     framework_bytes: int = 390 * 2**20
     """Host RSS of a process that imported torch + transformers and built the empty model."""
     device_framework_bytes: int = 512 * 2**20
