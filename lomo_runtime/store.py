@@ -479,8 +479,7 @@ class WorkingStore:
                 if on_unit is not None:
                     done_bytes += records[name].nbytes
                     on_unit(name, len(records), done_bytes)
-            store._write_manifest(MANIFEST, 0, records, dict(meta))
-            store._adopt(0, records, dict(meta))
+            store._publish(0, records, dict(meta))
             store._pending.clear()
             store._delete_unreferenced()
         except BaseException:
@@ -636,16 +635,20 @@ class WorkingStore:
             self._check_open()
             new_units, new_meta = self._next_state(records, meta)
             old_units = self._units
-            try:
-                self._write_manifest(MANIFEST, step, new_units, new_meta)
-            except StoreError as e:
-                # After the rename the new manifest is what the directory shows, only not surely
-                # durable: adopt it, so that no clean-up of "uncommitted" files deletes what it names.
-                if getattr(e, "renamed", False):
-                    self._adopt(step, new_units, new_meta)
-                raise
-            self._adopt(step, new_units, new_meta)
+            self._publish(step, new_units, new_meta)
             self._forget_superseded(old_units, records)
+
+    def _publish(self, step: int, units: Mapping[str, UnitRecord], meta: dict[str, Any]) -> None:
+        """Write ``manifest.json`` atomically and adopt it as the committed state."""
+        try:
+            self._write_manifest(MANIFEST, step, units, meta)
+        except StoreError as e:
+            # After the rename the new manifest is what the directory shows, only not surely
+            # durable: adopt it, so that no clean-up of "uncommitted" files deletes what it names.
+            if getattr(e, "renamed", False):
+                self._adopt(step, units, meta)
+            raise
+        self._adopt(step, units, meta)
 
     def prepare(self, step: int, records: Mapping[str, UnitRecord], meta: Mapping[str, Any] | None = None) -> None:
         """Phase one of a two-phase commit: write ``step``'s manifest as ``manifest.next.json``

@@ -411,7 +411,7 @@ def _write_plan(rt: Runtime, cfg: TrainConfig, out: Path) -> None:
                     weights_budget=rt.weights_budget, prefetch_depth=cfg.prefetch_depth,
                     master_weights=rt.master_weights, grad_accumulation=rt.grad_accumulation,
                     row_updates=rt.row_updates,
-                    heap_keep=rt.heap_keep,
+                    heap_keep=rt.heap_keep, commit_every=rt.commit_every,
                     **({} if rt.parallel is None else {"nproc": rt.parallel.world, "parallel": rt.parallel.mode}))
     predicted = plan(spec, run, load_machine(rt.device, cfg.dtype))
     tmp = out / "plan.json.tmp"

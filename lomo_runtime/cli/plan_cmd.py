@@ -35,6 +35,8 @@ def _size(value: str | None, what: str) -> int | None:
 @click.option("--disk-read-bw", type=float, default=None, help="Override disk read bytes/s.")
 @click.option("--disk-write-bw", type=float, default=None, help="Override disk write bytes/s.")
 @click.option("--h2d-bw", type=float, default=None, help="Override host-device copy bytes/s (CUDA).")
+@click.option("--commit-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Steps between commits: resident units are written only then.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Ranks (torchrun --nproc-per-node x nodes); --batch-size is per rank.")
 @click.option("--parallel", type=click.Choice(["replicate", "shard"]), default=None,
@@ -44,7 +46,7 @@ def _size(value: str | None, what: str) -> int | None:
 @click.option("--max-seq-len", is_flag=True, help="Search the longest sequence that fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan_command(model_dir, seq_len, batch_size, device, dtype, rule, memory_budget, weights_budget, heap_keep, host_memory,
-                 offload_dir, prefetch_depth, flops, disk_read_bw, disk_write_bw, h2d_bw, nproc, parallel,
+                 offload_dir, prefetch_depth, flops, disk_read_bw, disk_write_bw, h2d_bw, commit_every, nproc, parallel,
                  allreduce_bw, max_batch_size, max_seq_len, as_json) -> None:
     """Predict peak memory, I/O and step time of a training job, and whether it fits."""
     if max_batch_size and max_seq_len:
@@ -61,7 +63,7 @@ def plan_command(model_dir, seq_len, batch_size, device, dtype, rule, memory_bud
     run = RunConfig(seq_len=seq_len, batch_size=batch_size, dtype=dtype, rule=rule, device=device,
                     memory_budget=budget, weights_budget=_size(weights_budget, "--weights-budget"),
                     prefetch_depth=prefetch_depth, heap_keep=_size(heap_keep, "--heap-keep") or 0,
-                    nproc=nproc, parallel=parallel)
+                    nproc=nproc, parallel=parallel, commit_every=commit_every)
     if max_batch_size or max_seq_len:
         result = largest_fitting(config, run, machine, "batch_size" if max_batch_size else "seq_len")
     else:

@@ -19,7 +19,8 @@ CUDA context); the host holds the framework and the pinned staging buffers.
 
 Step time is the largest of three bounds, assuming prefetch overlaps I/O with
 compute: compute (traced FLOPs / probed FLOP/s), disk (units read / read
-bandwidth + every unit written back each step / write bandwidth) and, on
+bandwidth + units written / write bandwidth: streamed units every step,
+resident ones at each commit, averaged over `commit_every` steps) and, on
 CUDA, host-device copies.
 
 Several ranks (`nproc` W, `parallel="replicate"`): every figure is per rank, at the per-rank
@@ -219,7 +220,10 @@ def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) ->
                 device_weights_bytes=weights_dev if run.device == "cuda" else 0)
 
     read_bytes = res.read_bytes_per_step[-1]
-    write_bytes = total  # every unit is updated and written back each step (commit every step)
+    # A streamed unit is written whenever it leaves memory updated: every step. A resident one
+    # only at a commit: 1/commit_every of the steps, averaged.
+    resident_bytes = sum(u.nbytes for u in spec.units if u.name in res.resident_units)
+    write_bytes = (total - resident_bytes) + -(-resident_bytes // max(1, run.commit_every))
     disk_read = read_bytes
     if run.device == "cuda" and host_staging >= total:
         disk_read = 0  # misses are served from host memory

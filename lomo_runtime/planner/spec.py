@@ -163,6 +163,9 @@ class RunConfig:
     """The input embedding's gradient is the rows a batch used (`Runtime.row_updates_exact`); None:
     where exact with the default weight decay of 0 (sgd, fp32, untied, no accumulation)."""
 
+    commit_every: int = 10
+    """Steps between commits (`--commit-every`; the runtime's default is 10). Units that stay
+    resident are written only at a commit; streamed ones whenever they leave memory updated."""
     nproc: int = 1
     """Ranks (`torchrun --nproc-per-node`, times nodes); batch_size is per rank."""
     parallel: str | None = None
