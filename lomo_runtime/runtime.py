@@ -53,6 +53,7 @@ from torch import nn
 from .checkpoint import Checkpoint
 from .checkpoint.safetensors_file import DTYPES
 from .dist import COMMIT_RECORD, Parallel, PeerLost, rank_dir, read_commit_record
+from .dist.shard import ShardedStore
 from .errors import DoesNotFit, LomoError, UserError
 from .io import aligned_empty
 from .memory import current_rss_bytes, peak_rss_bytes, release_freed_heap, reset_peak_rss
@@ -234,7 +235,9 @@ class Runtime(SegmentHooks):
         self.weights_budget = self._resolve_budget(memory_budget, weights_budget, seq_len, batch_size)
         # Capped at the weights budget: freed buffers of one size are dropped before another size overflows it.
         self.pool = StagingPool(self.weights_budget)
-        self.scheduler = Scheduler(units, self.store, self.pool, self.weights_budget, prefetch_depth, io_threads)
+        self._shard = isinstance(self.store, ShardedStore)  # units are slices on disk, gathered on read
+        self.scheduler = Scheduler(units, self.store, self.pool, self.weights_budget, prefetch_depth, io_threads,
+                                   collective=self._shard)
         self.scheduler.generation = self._generation
         self.scheduler.on_pressure = self._drop_kept_graphs
         self.segments = self._build_segments()
@@ -340,10 +343,12 @@ class Runtime(SegmentHooks):
                 if not (self.work_dir / "manifest.json").exists():
                     raise UserError(f"rank {par.rank}: {self.work_dir} holds no working store to resume from")
                 store = WorkingStore.open(self.work_dir, committed_step=int(record["step"]))
+                if par.mode == "shard":
+                    store = ShardedStore(store, par)
                 self._check_resume(store)
             else:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                store = self._open_store(resume=False)
+                store = self._open_store(resume=False) if par.mode == "replicate" else self._create_sharded()
         except LomoError as e:
             problem = f"rank {par.rank}: {e}"
         problems = [p for p in par.gather(problem, "opening the working stores") if p]
@@ -354,6 +359,34 @@ class Runtime(SegmentHooks):
         if record is None:
             par.commit_step(self.run_dir, 0, lambda: None, lambda: None)
         return store
+
+    def _create_sharded(self) -> "ShardedStore":
+        """This rank's slice store (`dist.shard`), its units laid out whole with the state this run
+        needs (zeros; master = the weights), as `_add_state_slots` would lay them out."""
+        dtype = self.dtype
+        ckpt = self.checkpoint
+
+        def weight(name: str):
+            return lambda: ckpt.read_tensor(name).to(dtype)
+
+        def zeros(shape, dt):
+            return lambda: torch.zeros(shape, dtype=dt)
+
+        units = []
+        for unit in ckpt.units:
+            weights, states = [], []
+            for t in unit.tensor_names:
+                shape = tuple(ckpt.tensors[ckpt.resolve(t)].entry.shape)
+                weights.append((t, dtype_name(dtype), shape, weight(t)))
+                for key, dt, sh in self._state_entries(t, shape):
+                    load = (lambda t=t: ckpt.read_tensor(t).to(torch.float32)) if key == "master" else zeros(sh, dt)
+                    states.append((f"{t}{STATE_SEP}{key}", dtype_name(dt), sh, load))
+            units.append((unit.name, weights + states))
+        meta = {"source_dir": str(self.model_dir.resolve()), "config": ckpt.config,
+                "dtype": dtype_name(dtype), "rule": self._rule_identity(), "master_weights": self.master_weights}
+        with self._work_progress("creating working store (this rank's slices)") as shown:
+            return ShardedStore.create(self.work_dir, units, meta, self.parallel,
+                                       on_unit=lambda name, n, done: shown.update(done, f"{name}, {n}/{len(units)} units"))
 
     def _work_progress(self, label: str, total: int | None = None) -> WorkProgress:
         """A byte-progress display on `progress_stream` (a silent one without a stream)."""
@@ -431,6 +464,9 @@ class Runtime(SegmentHooks):
                         missing.append((f"{slot.name}{STATE_SEP}{key}", dtype_name(dt), shape))
             if not missing:
                 continue
+            if isinstance(self.store, ShardedStore):
+                raise UserError(f"--resume from {self.work_dir}: the sharded store has no {missing[0][0]}; a sharded "
+                                "run keeps the state layout it started with (same --grad-accum-steps, rule, master weights)")
             old = aligned_empty(rec.nbytes)
             self.store.read_unit(name, old)
             slots, nbytes = layout([(s.name, s.dtype, tuple(s.shape)) for s in rec.tensors] + missing)
@@ -452,7 +488,8 @@ class Runtime(SegmentHooks):
         units = []
         index = {name: i for i, (name, _) in enumerate(self.model.named_parameters())}
         for name, record in self.store.units.items():
-            unit = Unit(name=name, nbytes=record.nbytes, params=[])
+            unit = Unit(name=name, nbytes=record.nbytes, params=[],
+                        disk_nbytes=record.nbytes // self.parallel.world if isinstance(self.store, ShardedStore) else 0)
             for slot in record.tensors:
                 if STATE_SEP in slot.name:
                     continue
@@ -721,30 +758,48 @@ class Runtime(SegmentHooks):
         grad = grad.to(torch.float32)  # no copy for fp32 gradients: we own .grad now
         if self.scaler is not None:
             grad.div_(self.scaler.scale)
-        if self._mode == "accumulate":
-            # With several ranks nothing is reduced yet: a non-finite micro-batch makes the sum
-            # non-finite, which every rank sees after the final micro-batch's reduction.
-            if self.parallel is None:
-                self._check_finite(grad, info)
-            info.state["grad_accum"].add_(grad)
-            self._mark_updated(unit)
-            return
-        if self.grad_accumulation:
-            accum = info.state["grad_accum"]
-            if self._mode == "norm":
-                grad = grad + accum
-            else:
-                grad = accum.add_(grad).clone()
-                accum.zero_()
-                self._mark_updated(unit)
-        if self.parallel is not None:
-            # Averaged over the ranks, asynchronously: the next segment's backward overlaps the
-            # all-reduce, and the update follows when it lands (`_finish_reductions`). Every rank
-            # then holds the same gradient, so the same decisions follow.
+        # Several ranks: the gradient is averaged over them before it is used. Under "replicate" a
+        # micro-batch's gradient is accumulated locally first (each rank's store is its own), and
+        # only the sum is reduced, at the last micro-batch. Under "shard" the accumulation buffer
+        # is part of a unit whose slices the ranks store, so it must be the same on every rank:
+        # every micro-batch's gradient is reduced, then accumulated.
+        if self.parallel is not None and (self._shard or self._mode != "accumulate"):
+            if not self._shard:
+                grad = self._with_accumulated(info, grad)
+            # Averaged asynchronously: the next segment's backward overlaps the all-reduce, and
+            # the gradient is used when it lands (`_finish_reductions`). Every rank then holds
+            # the same gradient, so the same decisions follow.
             self._reductions.append((param, info, grad, self.parallel.start_sum(grad)))
             unit.reducing += 1  # the unit is not finished (nor evicted, but as a last resort) until then
             return
+        self._use_grad(param, info, grad)
+
+    def _use_grad(self, param: torch.Tensor, info: _ParamInfo, grad: torch.Tensor) -> None:
+        """Accumulate `grad` (a micro-batch's, reduced where it must be) or update from it."""
+        if self._mode == "accumulate":
+            # Replicate accumulates unreduced gradients: a non-finite micro-batch makes the sum
+            # non-finite, which every rank sees after the final micro-batch's reduction.
+            if self.parallel is None or self._shard:
+                self._check_finite(grad, info)
+            info.state["grad_accum"].add_(grad)
+            self._mark_updated(info.unit)
+            return
+        if self.parallel is None or self._shard:
+            grad = self._with_accumulated(info, grad)
         self._update_from(param, info, grad)
+
+    def _with_accumulated(self, info: _ParamInfo, grad: torch.Tensor) -> torch.Tensor:
+        """The step's whole gradient: `grad` plus what earlier micro-batches accumulated (the
+        buffer is emptied, except in the norm pass of exact clipping, which the update pass follows)."""
+        if not self.grad_accumulation:
+            return grad
+        accum = info.state["grad_accum"]
+        if self._mode == "norm":
+            return grad + accum
+        grad = accum.add_(grad).clone()
+        accum.zero_()
+        self._mark_updated(info.unit)
+        return grad
 
     def _update_from(self, param: torch.Tensor, info: _ParamInfo, grad: torch.Tensor) -> None:
         """The complete (reduced) fp32 gradient of `param`: check it, then clip and apply it."""
@@ -784,7 +839,7 @@ class Runtime(SegmentHooks):
                 grad.div_(self.parallel.world)
                 self.scheduler.pin_resident(info.unit.name)  # resident already, unless the budget needed it
                 try:
-                    self._update_from(param, info, grad)
+                    self._use_grad(param, info, grad)
                 finally:
                     self.scheduler.release([info.unit.name])
         finally:
@@ -1140,6 +1195,10 @@ class Runtime(SegmentHooks):
         out = Path(out_dir)
         self.commit()  # export what was trained, all of it
         if self.parallel is not None and not self.parallel.is_main:
+            if isinstance(self.store, ShardedStore):
+                self.scheduler.evict_all()
+                for _ in self.iter_weights():  # rank 0 gathers every unit: take part, write nothing
+                    pass
             self.parallel.barrier(f"exporting to {out} (rank 0 writes)")  # every rank's store holds the same weights
             return out
         # Export reads unit by unit and holds about one shard: free the resident units first and keep

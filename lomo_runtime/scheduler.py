@@ -69,6 +69,7 @@ class Unit:
     pending_grads: int = 0                         # gradients accumulated but not yet applied
     held_grads: int = 0                            # complete gradients held for the unit's clip norm (clip_mode="unit")
     reducing: int = 0                              # gradients in an all-reduce across ranks, not yet applied
+    disk_nbytes: int = 0                           # bytes one read or write moves on disk (0: nbytes; a shard: its slice)
     updated: bool = False                          # weights or state changed since the last commit
     dirty: bool = False                            # changed since its last write-back began
     settled: bool = True                           # every update of this step is applied (a dirty unit may be written)
@@ -103,8 +104,16 @@ class Scheduler:
         weights_budget: int | None,
         prefetch_depth: int = 2,
         io_threads: int = 2,
+        collective: bool = False,
     ) -> None:
         self.units = {u.name: u for u in units}
+        # Collective mode (`--parallel shard`: a read all-gathers the unit): every rank must start
+        # the same reads in the same order, so no decision may depend on I/O timing. Reads run on
+        # one thread, in order; nothing is prefetched or reaped because a future happened to be
+        # done; a prefetch may evict a unit still being written (waiting for its write).
+        self.collective = collective
+        if collective:
+            io_threads = 1
         self.store = store
         self.pool = pool
         self.weights_budget = weights_budget
@@ -204,7 +213,7 @@ class Scheduler:
         self._inflight.add(unit.name)
         # Counted when issued, not when done, so a step's figures do not depend on thread timing.
         self.stats.reads += 1
-        self.stats.read_bytes += unit.nbytes
+        self.stats.read_bytes += unit.disk_nbytes or unit.nbytes
         self._note_resident()
         return True
 
@@ -242,7 +251,8 @@ class Scheduler:
 
     def prefetch(self) -> None:
         """Start reads for the next units in the sequence while they fit (evicting only later-used units)."""
-        self._reap()
+        if not self.collective:
+            self._reap()
         started = 0
         seen: set[str] = set()
         n = len(self._sequence)
@@ -313,7 +323,8 @@ class Scheduler:
             candidates = [u for u in self.units.values() if self._evictable(u, allow_dirty=required)]
             if not required:
                 candidates = [u for u in candidates if self._next_use(u.name) > before]
-                candidates = [u for u in candidates if u.state is UnitState.RESIDENT]  # never block a prefetch
+                if not self.collective:  # never block a prefetch (collective mode: timing must not decide)
+                    candidates = [u for u in candidates if u.state is UnitState.RESIDENT]
             if not candidates:
                 if not required:
                     return False
@@ -390,7 +401,7 @@ class Scheduler:
         record = self.store.write_unit(name, buffer, generation)
         with self._lock:
             self.stats.writes += 1
-            self.stats.write_bytes += self.units[name].nbytes
+            self.stats.write_bytes += self.units[name].disk_nbytes or self.units[name].nbytes
         return record
 
     def _finish_write(self, unit: Unit) -> None:
@@ -409,6 +420,8 @@ class Scheduler:
         """Called often during compute (the runtime calls it from every gradient hook): when a read or
         write has finished, prefetch again. A unit still being written cannot be evicted, so a
         prefetch that was blocked by one can start as soon as its write lands, not at the next acquire."""
+        if self.collective:
+            return  # prefetch at acquire only: the same points on every rank
         if self._inflight and any(self.units[n].future.done() for n in self._inflight):
             self.prefetch()
 

@@ -109,14 +109,20 @@ def max_differences(mine: dict[str, torch.Tensor], ref: dict[str, torch.Tensor])
     return diff, key_bias
 
 
+def du(path: Path) -> int:
+    """Bytes of the unit files under a store directory."""
+    return sum(f.stat().st_size for f in (path / "units").iterdir())
+
+
 def weights(rt: Runtime) -> dict[str, torch.Tensor]:
     return {name: t.clone() for name, t in rt.iter_weights()}
 
 
 def main() -> None:
     models, out = Path(sys.argv[1]), Path(sys.argv[2])
+    mode = sys.argv[3] if len(sys.argv) > 3 else "replicate"
     torch.set_num_threads(1)
-    par = Parallel("replicate")
+    par = Parallel(mode)
     rank, world = par.rank, par.world
     results = []
     for case in CASES:
@@ -131,21 +137,28 @@ def main() -> None:
             shutil.rmtree(probe_dir)
             assert budget < total, (budget, total)
         budget = par.broadcast(budget)
+        if mode == "shard":
+            # A whole unit is W slices of 4 KiB multiples: up to W x 4 KiB of padding for each of
+            # the (at most 3) units one step needs at once.
+            budget += 3 * world * 4096
         settings = dict(weights_budget=budget, commit_every=4, grad_accumulation="accumulate" in case)
-        rt = Runtime(model, make_rule(case), work_dir=models / f"par-{name}", parallel=par, **settings)
+        rt = Runtime(model, make_rule(case), work_dir=models / f"{mode}-{name}", parallel=par, **settings)
         drops = drive(rt, case, world, rank)
         reads = rt.scheduler.stats.reads
-        mine = weights(rt)
+        mine = weights(rt)  # commits first
+        disk = par.gather(du(rt.work_dir))
         rt.close()
         digests = par.gather({n: float(t.double().sum()) for n, t in mine.items()})
         if rank == 0:
-            with Runtime(model, make_rule(case), work_dir=models / f"one-{name}", **settings) as one:
+            with Runtime(model, make_rule(case), work_dir=models / f"one-{mode}-{name}", **settings) as one:
                 one_drops = drive(one, case, world, None)
                 ref = weights(one)
+                one_disk = du(one.work_dir)
             diff, key_bias = max_differences(mine, ref)
             results.append({"case": case, "max_abs_diff": diff, "key_bias_diff": key_bias, "ranks_identical": digests[0] == digests[1],
                             "drops": drops, "one_process_drops": one_drops, "reads": reads,
-                            "units": len(rt.scheduler.units), "budget": budget})
+                            "units": len(rt.scheduler.units), "budget": budget,
+                            "store_bytes_per_rank": disk, "store_bytes_one_process": one_disk})
         par.barrier()
     if rank == 0:
         out.write_text(json.dumps(results, indent=1))

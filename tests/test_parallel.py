@@ -22,17 +22,17 @@ def torchrun(*args: str, timeout: float = 600, env: dict | None = None) -> subpr
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=environment)
 
 
-@pytest.fixture(scope="module")
-def library_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    root = tmp_path_factory.mktemp("parallel")
+@pytest.fixture(scope="module", params=["replicate", "shard"])
+def library_results(request, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    root = tmp_path_factory.mktemp(f"parallel-{request.param}")
     # Tied embeddings; the llama has grouped-query attention (4 heads, 2 kv). GPT-2's dropout is off:
     # two ranks draw masks for their halves of the batch, one process for the whole of it.
     make_tiny_model(root, arch="llama", tied=True).rename(root / "llama")
     make_tiny_model(root, arch="gpt2", tied=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).rename(root / "gpt2")
     out = root / "results.json"
-    proc = torchrun(str(REPO / "tests" / "parallel_worker.py"), str(root), str(out))
+    proc = torchrun(str(REPO / "tests" / "parallel_worker.py"), str(root), str(out), request.param)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(out.read_text())
+    return [{**r, "mode": request.param} for r in json.loads(out.read_text())]
 
 
 def _label(case: dict) -> str:
@@ -40,15 +40,20 @@ def _label(case: dict) -> str:
 
 
 @pytest.mark.parametrize("index", range(8))
-def test_replicate_equals_one_process_on_the_global_batch(library_results: list[dict], index: int) -> None:
+def test_ranks_equal_one_process_on_the_global_batch(library_results: list[dict], index: int) -> None:
     result = library_results[index]
-    label = _label(result["case"])
+    label = f"{result['mode']}: {_label(result['case'])}"
     assert result["max_abs_diff"] <= TOL, (label, result)
     # GPT-2's key biases get a zero gradient but for rounding noise (parallel_worker.max_differences).
     assert result["key_bias_diff"] <= 2e-4, (label, result)
     assert result["ranks_identical"], label
     assert result["reads"] > result["units"], f"{label}: the units did not stream ({result})"
     assert result["drops"] == result["one_process_drops"], label
+    one, per_rank = result["store_bytes_one_process"], result["store_bytes_per_rank"]
+    if result["mode"] == "shard":  # every rank stores about half of every unit
+        assert all(0.85 * one / 2 <= b <= 1.15 * one / 2 for b in per_rank), (label, one, per_rank)
+    else:
+        assert per_rank == [one, one], (label, one, per_rank)
     if result["case"].get("poison"):
         # A NaN gradient on rank 1 alone drops the step on both ranks, as in one process.
         assert any(result["drops"]), label
@@ -99,27 +104,45 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
+_RUNS: dict[str, Path] = {}
+
+
+def _two_ranks(job: dict[str, Path], mode: str) -> Path:
+    """An uninterrupted two-rank run of 30 steps, --batch-size 2 per rank (made once per mode)."""
+    if mode not in _RUNS:
+        out = job["root"] / mode
+        proc = torchrun("--no-python", "lomo-run", *_flags(job, out, 30, "--batch-size", "2", "--parallel", mode))
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        _RUNS[mode] = out
+    return _RUNS[mode]
+
+
 @pytest.fixture(scope="module")
 def replicated(job: dict[str, Path]) -> Path:
-    """An uninterrupted two-rank run of 30 steps, --batch-size 2 per rank."""
-    out = job["root"] / "replicated"
-    proc = torchrun("--no-python", "lomo-run", *_flags(job, out, 30, "--batch-size", "2", "--parallel", "replicate"))
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return out
+    return _two_ranks(job, "replicate")
 
 
-def test_cli_replicate_equals_one_process_with_the_global_batch_size(job: dict[str, Path], replicated: Path) -> None:
+@pytest.mark.parametrize("mode", ["replicate", "shard"])
+def test_cli_ranks_equal_one_process_with_the_global_batch_size(job: dict[str, Path], mode: str) -> None:
+    ranks = _two_ranks(job, mode)
     one = job["root"] / "one"
-    proc = _lomo_run(*_flags(job, one, 30, "--batch-size", "4"))
-    assert proc.returncode == 0, proc.stderr
-    ours, ref = _weights(replicated / "model"), _weights(one / "model")
+    if not (one / "model").exists():
+        proc = _lomo_run(*_flags(job, one, 30, "--batch-size", "4"))
+        assert proc.returncode == 0, proc.stderr
+    ours, ref = _weights(ranks / "model"), _weights(one / "model")
     assert ours.keys() == ref.keys()
     assert max(float((ours[k] - ref[k]).abs().max()) for k in ref) <= TOL
-    assert sorted(_losses(replicated)) == list(range(1, 31))
+    assert sorted(_losses(ranks)) == list(range(1, 31))
     for step, loss in _losses(one).items():  # the logged loss is the global batch's mean
-        assert abs(_losses(replicated)[step] - loss) <= 1e-5, step
-    assert sorted(p.name for p in (replicated / "store").iterdir()) == ["commit.json", "rank-0", "rank-1"]
-    assert json.loads((replicated / "store" / "commit.json").read_text())["step"] == 30
+        assert abs(_losses(ranks)[step] - loss) <= 1e-5, step
+    assert sorted(p.name for p in (ranks / "store").iterdir()) == ["commit.json", "rank-0", "rank-1"]
+    assert json.loads((ranks / "store" / "commit.json").read_text())["step"] == 30
+    # `lomo-run export` of the run's stores (every rank's, here on one machine) gives the same model.
+    exported = job["root"] / f"exported-{mode}"
+    proc = _lomo_run("export", "--store", str(ranks / "store"), "--out", str(exported))
+    assert proc.returncode == 0, proc.stderr
+    again = _weights(exported)
+    assert all(bool((again[k] == ours[k]).all()) for k in ours)
 
 
 def _worker_pid(parent: int, rank: int) -> int | None:
@@ -138,12 +161,14 @@ def _worker_pid(parent: int, rank: int) -> int | None:
     return None
 
 
-def test_kill_9_of_one_rank_stops_the_run_and_resume_is_bit_identical(job: dict[str, Path], replicated: Path) -> None:
+@pytest.mark.parametrize("mode", ["replicate", "shard"])
+def test_kill_9_of_one_rank_stops_the_run_and_resume_is_bit_identical(job: dict[str, Path], mode: str) -> None:
     import signal
     import time
 
-    out = job["root"] / "killed"
-    flags = _flags(job, out, 30, "--batch-size", "2", "--parallel", "replicate")
+    uninterrupted = _two_ranks(job, mode)
+    out = job["root"] / f"killed-{mode}"
+    flags = _flags(job, out, 30, "--batch-size", "2", "--parallel", mode)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
            "lomo-run", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -173,9 +198,9 @@ def test_kill_9_of_one_rank_stops_the_run_and_resume_is_bit_identical(job: dict[
     assert done < 30
     proc = torchrun("--no-python", "lomo-run", *flags, "--resume")
     assert proc.returncode == 0, proc.stderr[-5000:]
-    ours, ref = _weights(out / "model"), _weights(replicated / "model")
+    ours, ref = _weights(out / "model"), _weights(uninterrupted / "model")
     assert all(bool((ours[k] == ref[k]).all()) for k in ref), "resumed run differs from the uninterrupted one"
-    assert _losses(out) == _losses(replicated)
+    assert _losses(out) == _losses(uninterrupted)
 
 
 def test_resume_on_another_number_of_ranks_is_refused(job: dict[str, Path], replicated: Path, tmp_path: Path) -> None:
@@ -263,6 +288,13 @@ def test_plan_per_rank_for_replicate() -> None:
     assert two.nvme_bytes == one.nvme_bytes and two.io_bytes_per_step == one.io_bytes_per_step
     assert two.allreduce_bytes_per_step == 4 * one.params
     assert two.times_s["network"] == pytest.approx(4 * one.params / machine.allreduce_bps)
+    shard = plan(config, RunConfig(seq_len=256, dtype="bf16", weights_budget=2**30, nproc=2, parallel="shard"), machine)
+    assert shard.peak_host_bytes == two.peak_host_bytes  # whole units under the same weights budget
+    assert shard.nvme_bytes == one.nvme_bytes // 2
+    assert shard.read_bytes_per_step == one.read_bytes_per_step // 2
+    assert shard.write_bytes_per_step == one.write_bytes_per_step // 2
+    assert shard.allreduce_bytes_per_step == two.allreduce_bytes_per_step
+    assert shard.gather_bytes_per_step == one.read_bytes_per_step // 2
     proc = subprocess.run([sys.executable, "-m", "lomo_runtime", "plan", "--model", str(REPO / "configs/models/llama-7b"),
                            "--nproc", "2"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "--parallel replicate" in proc.stderr, proc.stderr

@@ -1,19 +1,19 @@
-"""One process against two ranks (`--parallel replicate`): step time, all-reduce waits, and the
-per-rank figures (disk, I/O, peak RSS), alternated in one run.
+"""One process against two ranks (`--parallel replicate` and `shard`): step time, all-reduce
+waits, and the per-rank figures (disk, I/O, resident weights, peak RSS), alternated in one run.
 
     python tools/bench_parallel.py [--steps 8] [--rounds 2] [--hidden 512 --layers 8] [--budget-frac 0.5]
 
 The same random untied Llama (`lomo_runtime.synthetic`), the same data and global batch
 (2 x `--batch-size` sequences): one process with 2 torch threads and `--batch-size 2b`, and
-`torchrun --nproc-per-node=2` with 1 thread per rank and `--batch-size b`, so both use the
-machine's 2 cores. Both stream under the same weights budget (a fraction of the weights).
-Runs alternate (one, two, one, two, ...); each figure is the median over rounds of the median
-step time over steps 2..N (step 1 warms caches). Prints a table and writes JSON to
+`torchrun --nproc-per-node=2` with 1 thread per rank and `--batch-size b`, so all use the
+machine's 2 cores. All stream under the same weights budget (a fraction of the weights).
+Runs alternate (one, replicate, shard, one, ...); each figure is the median over rounds of the
+median over steps 2..N (step 1 warms caches); two-rank figures are rank 0's. Prints a table,
+the shard/one-process ratios of the per-rank figures, and writes JSON to
 `benchmarks/parallel.json`.
 
-On one 2-core machine this measures what replicate costs, not what it gains: the ranks share
-the cores one process would use. Per-rank disk and I/O are one process's (every rank keeps the
-whole model), which is what `--parallel shard` is meant to halve.
+On one 2-core machine this measures what several ranks cost, not what they gain: the ranks
+share the cores one process would use.
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def _figures(out: Path, store: Path) -> dict[str, float]:
         "peak_rss_bytes": max(r["peak_host_bytes"] for r in steps),
         "read_bytes_per_step": statistics.median(r["io_read_bytes"] for r in steps),
         "write_bytes_per_step": statistics.median(r["io_write_bytes"] for r in steps),
+        "weights_resident_bytes": max(r["weights_resident_peak_bytes"] for r in steps),
         "store_bytes_per_rank": _du(store / "rank-0") if (store / "rank-0").exists() else _du(store),
         "final_loss": steps[-1]["loss"],
     }
@@ -78,7 +79,7 @@ def main() -> None:
         common = ["train", "--model", str(model), "--data", str(data), "--steps", str(args.steps),
                   "--seq-len", str(args.seq_len), "--lr", "0.01", "--weights-budget", budget, "--eval-fraction", "0",
                   "--commit-every", "10"]
-        results: dict[str, list[dict]] = {"one process": [], "two ranks": []}
+        results: dict[str, list[dict]] = {"one process": [], "replicate": [], "shard": []}
         for round_ in range(args.rounds):
             for name in results:
                 out = root / f"{name.replace(' ', '-')}-{round_}"
@@ -88,7 +89,7 @@ def main() -> None:
                 else:
                     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           "--no-python", "lomo-run", *common, "--out", str(out), "--threads", "1",
-                          "--batch-size", str(args.batch_size), "--parallel", "replicate"], {"OMP_NUM_THREADS": "1"})
+                          "--batch-size", str(args.batch_size), "--parallel", name], {"OMP_NUM_THREADS": "1"})
                 results[name].append(_figures(out, out / "store"))
                 shutil.rmtree(out)
         summary = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
@@ -96,16 +97,24 @@ def main() -> None:
         mib = 2**20
         print(f"model: llama hidden {args.hidden} x {args.layers} layers, {weights / mib:.0f} MiB fp32; "
               f"global batch {2 * args.batch_size} x {args.seq_len}; weights budget {int(budget) / mib:.0f} MiB")
-        print(f"{'':<12} {'step s':>8} {'tok/s':>8} {'reduce wait s':>14} {'peak RSS MiB':>13} "
+        print(f"{'':<12} {'step s':>8} {'tok/s':>8} {'reduce wait s':>14} {'peak RSS MiB':>13} {'weights MiB':>12} "
               f"{'read MiB/step':>14} {'write MiB/step':>15} {'store MiB/rank':>15}")
         for name in results:
             s = summary[name]
             print(f"{name:<12} {s['step_s']:8.3f} {s['tokens_per_s']:8.0f} {s['reduce_wait_s']:14.3f} "
-                  f"{s['peak_rss_bytes'] / mib:13.0f} {s['read_bytes_per_step'] / mib:14.1f} "
+                  f"{s['peak_rss_bytes'] / mib:13.0f} {s['weights_resident_bytes'] / mib:12.0f} "
+                  f"{s['read_bytes_per_step'] / mib:14.1f} "
                   f"{s['write_bytes_per_step'] / mib:15.1f} {s['store_bytes_per_rank'] / mib:15.0f}")
-        ratio = summary["two ranks"]["tokens_per_s"] / summary["one process"]["tokens_per_s"]
-        print(f"two ranks / one process tokens/s: {ratio:.2f}x (median of {args.rounds} alternated rounds)")
-        summary["ratio_tokens_per_s"] = ratio
+        for name in ("replicate", "shard"):
+            ratio = summary[name]["tokens_per_s"] / summary["one process"]["tokens_per_s"]
+            summary[f"ratio_tokens_per_s_{name}"] = ratio
+            print(f"{name} / one process tokens/s: {ratio:.2f}x (median of {args.rounds} alternated rounds)")
+        one, shard = summary["one process"], summary["shard"]
+        halves = {k: shard[k] / one[k] for k in ("store_bytes_per_rank", "read_bytes_per_step", "write_bytes_per_step",
+                                                 "weights_resident_bytes") if one[k]}
+        summary["shard_over_one_process"] = halves
+        print("shard per rank / one process: " + ", ".join(f"{k} {v:.3f}" for k, v in halves.items())
+              + "  (target 0.5 +- 15%)")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=1))
     finally:

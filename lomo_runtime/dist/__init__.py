@@ -97,8 +97,6 @@ class Parallel:
 
         if mode not in MODES:
             raise UserError(f"parallel must be one of {', '.join(MODES)}, got {mode!r}")
-        if mode == "shard":
-            raise UserError("--parallel shard is not implemented yet; use --parallel replicate")
         self.mode = mode
         self._dist = dist
         self.owns_group = False
@@ -114,6 +112,10 @@ class Parallel:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.backend = dist.get_backend()
+        # shard: unit reads all-gather on their own group, from the read thread, so they never
+        # interleave with the compute thread's gradient all-reduces on the default group.
+        self.gather_group = self._call("creating the gather group", lambda: dist.new_group(backend="gloo")) \
+            if mode == "shard" else None
         self._what = "startup"
         self._store = self._rendezvous_store()
         self._stop = threading.Event()
@@ -145,11 +147,18 @@ class Parallel:
         self._call("an all-reduce", lambda: self._dist.all_reduce(tensor))
         return tensor
 
-    def all_true(self, flag: bool, what: str = "an agreement") -> bool:
+    def all_true(self, flag: bool, what: str = "an agreement", group=None) -> bool:
         """True on every rank if `flag` is true on every rank."""
         value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        self._call(what, lambda: self._dist.all_reduce(value, op=self._dist.ReduceOp.MIN))
+        self._call(what, lambda: self._dist.all_reduce(value, op=self._dist.ReduceOp.MIN, group=group))
         return bool(value.item())
+
+    def all_gather_into(self, out: torch.Tensor, mine: torch.Tensor, what: str) -> None:
+        """Fill `out` (W equal parts, `mine` being this rank's part of it) with every rank's part,
+        on the gather group."""
+        parts = list(out.chunk(self.world))
+        source = mine.clone()  # gloo copies the input into its own part: never alias the two
+        self._call(what, lambda: self._dist.all_gather(parts, source, group=self.gather_group))
 
     def barrier(self, what: str = "a barrier") -> None:
         self._call(what, lambda: self._dist.barrier())

@@ -23,13 +23,15 @@ bandwidth + units written / write bandwidth: streamed units every step,
 resident ones at each commit, averaged over `commit_every` steps) and, on
 CUDA, host-device copies.
 
-Several ranks (`nproc` W, `parallel="replicate"`): every figure is per rank, at the per-rank
-batch. Each rank holds its own full store and streams it as one process would, so memory,
-disk and I/O per rank are one process's, plus the fp32 gradients of one unit whose all-reduce
-is still in flight while the next unit's backward runs (`reduce_in_flight_bytes`); a node
-running W ranks needs W times the host memory and disk. The all-reduce moves every fp32
+Several ranks (`nproc` W): every figure is per rank, at the per-rank batch. With
+`parallel="replicate"` each rank holds its own full store and streams it as one process would,
+so memory, disk and I/O per rank are one process's, plus the fp32 gradients of one unit whose
+all-reduce is still in flight while the next unit's backward runs (`reduce_in_flight_bytes`);
+a node running W ranks needs W times the host memory and disk. The all-reduce moves every fp32
 gradient once per step; it overlaps backward, so it is a fourth bound ("network"), at
-`allreduce_bps`.
+`allreduce_bps`. With `parallel="shard"` disk bytes and disk I/O per rank are 1/W (each rank
+stores its slice of every unit) and every unit read also gathers the other (W-1)/W of it over
+the network; memory per rank stays one process's (whole units under the weights budget).
 """
 from __future__ import annotations
 
@@ -88,6 +90,7 @@ class Plan:
     nproc: int = 1                    # ranks; with more than one every figure above is per rank
     parallel: str | None = None
     allreduce_bytes_per_step: int = 0  # gradient bytes each rank all-reduces per step
+    gather_bytes_per_step: int = 0    # shard: bytes each rank receives gathering the units it reads
     alternatives: list[Alternative] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
 
@@ -233,14 +236,23 @@ def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) ->
     }
     if run.device == "cuda":
         times["host-device"] = (read_bytes + write_bytes) / machine.h2d_bps
-    comm_bytes = 0
+    comm_bytes = gather_bytes = 0
     if run.nproc > 1:
         comm_bytes = 4 * spec.params  # fp32 gradients, all-reduced once per step
-        times["network"] = comm_bytes / machine.allreduce_bps
+        if run.parallel == "shard":
+            # Disk holds, reads and writes this rank's slice; each unit read gathers the other slices.
+            w = run.nproc
+            gather_bytes = res.read_bytes_per_step[-1] * (w - 1) // w
+            write_bytes //= w
+            disk_read //= w
+        times["network"] = (comm_bytes + gather_bytes) / machine.allreduce_bps
+    times["disk"] = disk_read / machine.disk_read_bps + write_bytes / machine.disk_write_bps
     bound = max(times, key=lambda k: times[k])
     step_s = times[bound]
 
     nvme = 2 * total  # the committed generation plus the one being written
+    if run.parallel == "shard":
+        nvme //= run.nproc
     reasons = []
     if not res.feasible:
         reasons.append(f"weights budget {format_size(wbudget)}: {res.blocked}")
@@ -277,7 +289,7 @@ def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) ->
         est_step_time_s=step_s, bound=bound, times_s=times,
         tokens_per_s=run.batch_size * run.seq_len / step_s if step_s > 0 else float("inf"),
         weights_budget=wbudget, min_weights_budget=floor, nproc=run.nproc, parallel=run.parallel,
-        allreduce_bytes_per_step=comm_bytes,
+        allreduce_bytes_per_step=comm_bytes, gather_bytes_per_step=gather_bytes,
         prefetch_depth=run.prefetch_depth, placement=placement, memory=cats, budget_bytes=budget,
         suggestion=suggestion, alternatives=alternatives, machine=asdict(machine),
     )
@@ -343,7 +355,8 @@ def format_plan(p: Plan) -> str:
         f"           {len(p.placement) - len(streamed)} units resident, {len(streamed)} streamed"
         + (f" ({streamed[0]} .. {streamed[-1]})" if streamed else ""),
         f"io/step    read {format_size(p.read_bytes_per_step)}, write {format_size(p.write_bytes_per_step)}"
-        + (f", all-reduce {format_size(p.allreduce_bytes_per_step)}" if p.nproc > 1 else ""),
+        + (f", all-reduce {format_size(p.allreduce_bytes_per_step)}" if p.nproc > 1 else "")
+        + (f", gathers {format_size(p.gather_bytes_per_step)}" if p.gather_bytes_per_step else ""),
         "step time  " + ", ".join(f"{k} {v:.3g} s" for k, v in p.times_s.items())
         + f"  ->  {p.est_step_time_s:.3g} s ({p.bound}-bound), {p.tokens_per_s:,.0f} tokens/s",
         "",

@@ -169,13 +169,14 @@ class RunConfig:
     nproc: int = 1
     """Ranks (`torchrun --nproc-per-node`, times nodes); batch_size is per rank."""
     parallel: str | None = None
-    """With nproc > 1: "replicate" (every rank holds the model; gradients all-reduced)."""
+    """With nproc > 1: "replicate" (every rank stores the model) or "shard" (1/W of every unit
+    per rank, gathered on read); gradients all-reduced in both."""
 
     def check(self) -> None:
         if self.nproc < 1:
             raise UserError(f"nproc must be >= 1, got {self.nproc}")
-        if self.nproc > 1 and self.parallel != "replicate":
-            raise UserError("--nproc above 1 needs --parallel replicate (shard is not implemented yet)")
+        if self.nproc > 1 and self.parallel not in ("replicate", "shard"):
+            raise UserError("--nproc above 1 needs --parallel replicate or --parallel shard")
         if self.seq_len < 1 or self.batch_size < 1:
             raise UserError(f"seq_len and batch_size must be >= 1, got {self.seq_len} and {self.batch_size}")
         self.dtype = dtype_name(self.dtype)
