@@ -238,10 +238,11 @@ def pack_tensors(buf: torch.Tensor, slots: Sequence[TensorSlot], tensors: Mappin
         if DTYPE_NAMES.get(src.dtype) != slot.dtype or tuple(src.shape) != slot.shape:
             raise ValueError(f"tensor {slot.name}: got {src.dtype} {tuple(src.shape)}, slot is {slot.dtype} {slot.shape}")
         views[slot.name].copy_(src)
-    _zero_padding(buf, slots, _check_slots(slots, "pack_tensors"))
+    zero_padding(buf, slots, _check_slots(slots, "pack_tensors"))
 
 
-def _zero_padding(buf: torch.Tensor, slots: Sequence[TensorSlot], nbytes: int) -> None:
+def zero_padding(buf: torch.Tensor, slots: Sequence[TensorSlot], nbytes: int) -> None:
+    """Zero the bytes of `buf[:nbytes]` no slot covers."""
     start = 0
     for slot in slots:
         if slot.offset > start:
@@ -614,7 +615,7 @@ class WorkingStore:
         nbytes = _check_slots(slots, f"unit {name}")
         if buf.numel() < nbytes:
             raise ValueError(f"unit {name}: buffer holds {buf.numel()} bytes, the layout needs {nbytes}")
-        _zero_padding(buf, slots, nbytes)
+        zero_padding(buf, slots, nbytes)
         crc = _buffer_checksum(buf, nbytes, UNIT_CHECKSUM)
         rec = UnitRecord(name, generation, _generation_file(name, generation), nbytes, crc, slots, UNIT_CHECKSUM)
         with self._state:

@@ -61,23 +61,11 @@ def test_ranks_equal_one_process_on_the_global_batch(library_results: list[dict]
 
 # ---- the command line under torchrun ---------------------------------------------------------
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    import random
+    from fault_harness import make_job
 
-    from helpers import save_char_tokenizer
-
-    root = tmp_path_factory.mktemp("parallel-cli")
-    model = make_tiny_model(root, arch="llama", tied=True, sharded=True)
-    save_char_tokenizer(model)
-    rng = random.Random(0)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(12))}) + "\n"
-                            for _ in range(200)))
-    return {"root": root, "model": model, "data": data}
+    return make_job(tmp_path_factory.mktemp("parallel-cli"))
 
 
 def _flags(job: dict[str, Path], out: Path, steps: int, *extra: str) -> list[str]:

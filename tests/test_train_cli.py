@@ -13,21 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_tiny_model, save_char_tokenizer
+from fault_harness import make_job
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("job")
-    model = make_tiny_model(root, arch="llama", tied=True, sharded=True)
-    save_char_tokenizer(model)
-    rng = random.Random(0)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(12))}) + "\n" for _ in range(200)))
-    return {"root": root, "model": model, "data": data}
+    return make_job(tmp_path_factory.mktemp("job"))
 
 
 def _train_cmd(job: dict[str, Path], out: Path, *extra: str) -> list[str]:

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import StoreError
 from ..io import ALIGN, align_up, aligned_empty
-from ..store import TensorSlot, UnitRecord, WorkingStore, layout, pack_tensors, tensor_views
+from ..store import TensorSlot, UnitRecord, WorkingStore, layout, pack_tensors, tensor_views, zero_padding
 
 SLICE = "__slice__"  # the one tensor of a slice unit
 
@@ -149,7 +149,7 @@ class ShardedStore:
         if tensors is not None and tuple(tensors) != self._layouts[name]:
             raise StoreError(f"unit {name}: a sharded store keeps the layout it was created with")
         s = slice_bytes(self._sizes[name], self.world)
-        _zero_gaps(buf, self._layouts[name], self.world * s)
+        zero_padding(buf, self._layouts[name], self.world * s)  # every slice deterministic
         slice_rec = self.inner.write_unit(name, buf[self.rank * s:(self.rank + 1) * s], generation)
         whole = self._whole(slice_rec)
         self._written[(name, generation)] = slice_rec
@@ -183,18 +183,6 @@ class ShardedStore:
 
     def close(self) -> None:
         self.inner.close()
-
-
-def _zero_gaps(buf: torch.Tensor, slots: Sequence[TensorSlot], nbytes: int) -> None:
-    """Zero the bytes of `buf[:nbytes]` no slot covers (padding), so every slice is deterministic."""
-    end = 0
-    for slot in slots:
-        if slot.offset > end:
-            buf[end:slot.offset].zero_()
-        end = slot.offset + slot.nbytes
-    if nbytes > end:
-        buf[end:nbytes].zero_()
-
 
 
 def iter_whole_tensors(stores: Sequence[WorkingStore]) -> Iterator[tuple[str, torch.Tensor]]:
