@@ -237,7 +237,7 @@ class Runtime(SegmentHooks):
         self.pool = StagingPool(self.weights_budget)
         self._shard = isinstance(self.store, ShardedStore)  # units are slices on disk, gathered on read
         self.scheduler = Scheduler(units, self.store, self.pool, self.weights_budget, prefetch_depth, io_threads,
-                                   collective=self._shard)
+                                   collective=self._shard, slice_rank=self.parallel.rank if self._shard else 0)
         self.scheduler.generation = self._generation
         self.scheduler.on_pressure = self._drop_kept_graphs
         self.segments = self._build_segments()
@@ -703,6 +703,7 @@ class Runtime(SegmentHooks):
             # evicted before its next use anyway; otherwise it stays in memory, unwritten, until then.
             if unit.state is UnitState.RESIDENT and (self._commit_due or self.scheduler.likely_evicted(unit.name)):
                 self.scheduler.write_back(unit.name)
+            self.scheduler.rest(unit.name)  # shard: down to its slice unless it is needed soon
 
     def _settle_pass(self) -> None:
         """End of a backward pass: what the loss did not reach is complete too.
@@ -1223,6 +1224,8 @@ class Runtime(SegmentHooks):
     def reset_peaks(self) -> None:
         """Start a new measurement window for `memory_report` (the trainer calls it every step)."""
         self.scheduler.stats.peak_resident_bytes = self.scheduler.resident_bytes()
+        self.scheduler.stats.peak_slice_bytes = sum(u.disk_nbytes for u in self.scheduler.units.values()
+                                                    if u.state is UnitState.SLICED)
         self.pool.reset_peak()
         reset_peak_rss()
 
@@ -1237,7 +1240,7 @@ class Runtime(SegmentHooks):
         """
         peak = peak_rss_bytes()
         staging = self.pool.peak_bytes
-        return {
+        report = {
             "peak_host_bytes": peak,
             "peak_device_bytes": peak,
             "weights_resident_peak_bytes": self.scheduler.stats.peak_resident_bytes,
@@ -1245,6 +1248,9 @@ class Runtime(SegmentHooks):
             "framework_bytes": self.framework_bytes,
             "other_bytes": max(0, peak - staging - self.framework_bytes),
         }
+        if self._shard:  # of the resident weights, the slices held at rest (the rest: whole units in use)
+            report["weights_at_rest_peak_bytes"] = self.scheduler.stats.peak_slice_bytes
+        return report
 
     def close(self, commit: bool = True) -> None:
         """Commit the completed steps (unless `commit=False`), stop the I/O threads, unlock the store.

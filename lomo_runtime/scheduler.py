@@ -51,6 +51,7 @@ class UnitState(enum.Enum):
     LOADING = "loading"    # a read into its staging buffer is in flight
     RESIDENT = "resident"  # buffer holds the current weights; parameters may be bound
     WRITING = "writing"    # resident, and its updated bytes are being written as a new generation
+    SLICED = "sliced"      # collective mode (shard): only this rank's slice is in memory (`slice_buf`)
 
 
 @dataclass
@@ -70,6 +71,8 @@ class Unit:
     held_grads: int = 0                            # complete gradients held for the unit's clip norm (clip_mode="unit")
     reducing: int = 0                              # gradients in an all-reduce across ranks, not yet applied
     disk_nbytes: int = 0                           # bytes one read or write moves on disk (0: nbytes; a shard: its slice)
+    slice_buf: torch.Tensor | None = None          # SLICED: this rank's slice of the unit's bytes
+    slice_dirty: bool = False                      # SLICED: the slice holds updates the store does not have
     updated: bool = False                          # weights or state changed since the last commit
     dirty: bool = False                            # changed since its last write-back began
     settled: bool = True                           # every update of this step is applied (a dirty unit may be written)
@@ -86,6 +89,7 @@ class SchedulerStats:
     read_waits_s: float = 0.0                      # time the compute thread waited on a read it needed
     write_waits_s: float = 0.0                     # ... on a write (to evict or update a unit being written)
     peak_resident_bytes: int = 0
+    peak_slice_bytes: int = 0                      # collective mode: slices held at rest (SLICED units)
 
     @property
     def waits_s(self) -> float:
@@ -105,6 +109,7 @@ class Scheduler:
         prefetch_depth: int = 2,
         io_threads: int = 2,
         collective: bool = False,
+        slice_rank: int = 0,
     ) -> None:
         self.units = {u.name: u for u in units}
         # Collective mode (`--parallel shard`: a read all-gathers the unit): every rank must start
@@ -112,6 +117,14 @@ class Scheduler:
         # one thread, in order; nothing is prefetched or reaped because a future happened to be
         # done; a prefetch may evict a unit still being written (waiting for its write).
         self.collective = collective
+        # Collective mode keeps a unit at rest as this rank's slice (ZeRO-3's partitioned weights):
+        # after its use, unless it is needed within the prefetch window, a whole unit goes down to
+        # SLICED (its slice copied out, the whole buffer freed); using it again gathers the other
+        # slices from the other ranks' memory, with no disk read. Slices leave memory (written if
+        # they hold updates) only when the budget needs their room. The budget counts whole units
+        # and slices, and a demotion needs room for the slice beside the whole unit while it
+        # copies; without that room the unit leaves memory whole.
+        self.slice_rank = slice_rank
         if collective:
             io_threads = 1
         self.store = store
@@ -192,9 +205,59 @@ class Scheduler:
             unit = self.units[name]
             assert unit.pins > 0, f"unit {name} released more often than acquired"
             unit.pins -= 1
+            if unit.pins == 0:
+                self.rest(name)
+
+    def rest(self, name: str) -> None:
+        """`name`'s use is over for now (released, or its updates settled). In collective mode a
+        unit not needed within the prefetch window goes down to its slice; otherwise nothing."""
+        unit = self.units[name]
+        if not self.collective or unit.state not in (UnitState.RESIDENT, UnitState.WRITING):
+            return
+        if not self._evictable(unit, allow_dirty=True) or name in self._window() or not self._slice_fits(unit):
+            return
+        self._demote(unit)
+
+    def _slice_fits(self, unit: Unit) -> bool:
+        """Is there budget for `unit`'s slice beside the whole unit while a demotion copies it?"""
+        return self.weights_budget is None or self._resident_bytes() + unit.disk_nbytes <= self.weights_budget
+
+    def _window(self) -> set[str]:
+        """The next `prefetch_depth` distinct units of the sequence (kept whole, not demoted)."""
+        upcoming: list[str] = []
+        n = len(self._sequence)
+        for pos in range(self._cursor + 1, self._cursor + 1 + n):
+            name = self._sequence[pos % n]
+            if name not in upcoming:
+                upcoming.append(name)
+                if len(upcoming) > self.prefetch_depth:
+                    break
+        return set(upcoming)
+
+    def _slice_span(self, unit: Unit) -> tuple[int, int]:
+        return self.slice_rank * unit.disk_nbytes, unit.disk_nbytes
+
+    def _demote(self, unit: Unit) -> None:
+        """Whole unit -> its slice in memory (collective mode). A dirty unit's slice keeps its updates."""
+        if unit.state is UnitState.WRITING:
+            self._wait(unit)
+            self._finish_write(unit)
+        offset, size = self._slice_span(unit)
+        slice_buf = self.pool.acquire(size)
+        slice_buf[:size].copy_(unit.buffer[offset:offset + size])
+        self._note_resident(extra=size)  # the copy's moment: the slice beside the whole unit
+        if unit.bound:
+            self._unbind(unit)
+        self.pool.release(unit.buffer)
+        unit.buffer = None
+        unit.slice_buf = slice_buf
+        unit.slice_dirty = unit.dirty
+        unit.dirty = False
+        unit.state = UnitState.SLICED
+        self._note_resident()
 
     def _make_resident(self, unit: Unit) -> None:
-        if unit.state is UnitState.ON_DISK:
+        if unit.state in (UnitState.ON_DISK, UnitState.SLICED):
             self._start_load(unit, required=True)
         if unit.state is UnitState.LOADING:
             self._wait(unit)
@@ -204,16 +267,28 @@ class Scheduler:
 
     # ---- loading ---------------------------------------------------------------------------
     def _start_load(self, unit: Unit, required: bool) -> bool:
+        sliced = unit.state is UnitState.SLICED  # its slice, counted already, is freed once copied in
         if not self._make_room(unit.nbytes, before=self._next_use(unit.name), required=required):
             return False
+        if unit.state is not (UnitState.SLICED if sliced else UnitState.ON_DISK):
+            return False  # making room took it (a slice is evictable too): load it another time
         unit.buffer = self.pool.acquire(unit.nbytes)
-        unit.state = UnitState.LOADING
-        record = unit.written  # a newer uncommitted generation wins over the committed one
-        unit.future = self._reads.submit(self._read, unit.name, unit.buffer, record)
+        if sliced:  # gather the other ranks' slices from their memory: no disk read
+            offset, size = self._slice_span(unit)
+            unit.buffer[offset:offset + size].copy_(unit.slice_buf[:size])
+            self.pool.release(unit.slice_buf)
+            unit.slice_buf = None
+            unit.dirty, unit.slice_dirty = unit.slice_dirty, False
+            unit.state = UnitState.LOADING
+            unit.future = self._reads.submit(self.store.gather_unit, unit.name, unit.buffer)
+        else:
+            unit.state = UnitState.LOADING
+            record = unit.written  # a newer uncommitted generation wins over the committed one
+            unit.future = self._reads.submit(self._read, unit.name, unit.buffer, record)
+            # Counted when issued, not when done, so a step's figures do not depend on thread timing.
+            self.stats.reads += 1
+            self.stats.read_bytes += unit.disk_nbytes or unit.nbytes
         self._inflight.add(unit.name)
-        # Counted when issued, not when done, so a step's figures do not depend on thread timing.
-        self.stats.reads += 1
-        self.stats.read_bytes += unit.disk_nbytes or unit.nbytes
         self._note_resident()
         return True
 
@@ -266,7 +341,7 @@ class Scheduler:
                 continue
             seen.add(name)
             unit = self.units[name]
-            if unit.state is not UnitState.ON_DISK:
+            if unit.state not in (UnitState.ON_DISK, UnitState.SLICED):
                 continue
             if not self._start_load(unit, required=False):
                 break
@@ -278,14 +353,20 @@ class Scheduler:
         return self._resident_bytes()
 
     def _resident_bytes(self) -> int:
-        return sum(u.nbytes for u in self.units.values() if u.state is not UnitState.ON_DISK)
+        return sum(u.disk_nbytes if u.state is UnitState.SLICED else u.nbytes
+                   for u in self.units.values() if u.state is not UnitState.ON_DISK)
 
-    def _note_resident(self) -> None:
-        self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self._resident_bytes())
+    def _note_resident(self, extra: int = 0) -> None:
+        self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self._resident_bytes() + extra)
+        if self.collective:
+            sliced = sum(u.disk_nbytes for u in self.units.values() if u.state is UnitState.SLICED)
+            self.stats.peak_slice_bytes = max(self.stats.peak_slice_bytes, sliced)
 
     def _evictable(self, unit: Unit, allow_dirty: bool = False) -> bool:
         """May `unit` leave memory now? A dirty one only if its updates are complete and the caller
         accepts waiting for its write (`allow_dirty`: a load that is needed now)."""
+        if unit.state is UnitState.SLICED:  # leaving memory writes a slice holding updates
+            return unit.pins == 0 and (not unit.slice_dirty or allow_dirty)
         return (
             unit.state in (UnitState.RESIDENT, UnitState.WRITING)
             and unit.pins == 0
@@ -299,8 +380,8 @@ class Scheduler:
         """Will Belady evict `name` before its next use? True when the units needed before then,
         with it, do not fit the budget. The runtime writes such a unit as soon as its update is
         complete, so the write overlaps compute instead of stalling the load that evicts it."""
-        if self.weights_budget is None:
-            return False
+        if self.weights_budget is None or self.collective:
+            return False  # collective mode: an evicted unit keeps its slice, written at the commit
         unit = self.units[name]
         horizon = self._next_use(name)
         n = len(self._sequence)
@@ -340,7 +421,7 @@ class Scheduler:
                 # would otherwise pin every unit. Its gradients stay in memory; it is written if
                 # dirty, and read back when they are applied.
                 holding = [u for u in self.units.values()
-                           if u.state in (UnitState.RESIDENT, UnitState.WRITING) and u.pins == 0]
+                           if u.state in (UnitState.RESIDENT, UnitState.WRITING, UnitState.SLICED) and u.pins == 0]
                 if holding:
                     self._evict(max(holding, key=lambda u: self._next_use(u.name)))
                     continue
@@ -358,6 +439,21 @@ class Scheduler:
         return True
 
     def _evict(self, unit: Unit) -> None:
+        """Make room: drop `unit` from memory (collective mode: a whole unit goes down to its slice)."""
+        if self.collective and unit.state in (UnitState.RESIDENT, UnitState.WRITING) and self._slice_fits(unit):
+            self._demote(unit)
+            return
+        self._drop(unit)  # a full budget: the unit leaves memory whole (its slice written if dirty)
+
+    def _drop(self, unit: Unit) -> None:
+        """`unit` leaves memory; what it holds that the store lacks is written first."""
+        if unit.state is UnitState.SLICED:
+            if unit.slice_dirty:
+                self._write_slice(unit)
+            self.pool.release(unit.slice_buf)
+            unit.slice_buf = None
+            unit.state = UnitState.ON_DISK
+            return
         if unit.dirty and unit.state is UnitState.RESIDENT:
             self.write_back(unit.name)  # its updates must reach the store before the bytes go
         if unit.state is UnitState.WRITING:
@@ -379,6 +475,11 @@ class Scheduler:
         unit.future = self._writes.submit(self._write, name, unit.buffer, self.generation)
         self._inflight.add(name)
 
+    def _write_slice(self, unit: Unit) -> None:
+        """Write a SLICED unit's slice (its updates) as this interval's generation, on this thread."""
+        unit.written = self._write(unit.name, unit.slice_buf, self.generation, slice_only=True)
+        unit.slice_dirty = False
+
     def flush(self) -> None:
         """Write every unit whose updates are not in the store yet, and wait for all writes (before a commit).
 
@@ -388,6 +489,9 @@ class Scheduler:
             for unit in self.units.values():
                 if unit.pending_grads or unit.held_grads or unit.reducing:
                     raise RuntimeError(f"internal error: unit {unit.name} holds gradients not applied at a commit")
+                if unit.state is UnitState.SLICED and unit.slice_dirty:
+                    self._write_slice(unit)
+                    continue
                 if unit.dirty:
                     if not unit.settled or unit.state is UnitState.ON_DISK:
                         raise RuntimeError(f"internal error: unit {unit.name} has updates in memory that cannot be committed")
@@ -397,8 +501,9 @@ class Scheduler:
         finally:
             self._count_waits = True
 
-    def _write(self, name: str, buffer: torch.Tensor, generation: int):
-        record = self.store.write_unit(name, buffer, generation)
+    def _write(self, name: str, buffer: torch.Tensor, generation: int, slice_only: bool = False):
+        write = self.store.write_slice if slice_only else self.store.write_unit
+        record = write(name, buffer, generation)
         with self._lock:
             self.stats.writes += 1
             self.stats.write_bytes += self.units[name].disk_nbytes or self.units[name].nbytes
@@ -482,8 +587,8 @@ class Scheduler:
         """Write nothing, drop every clean, unpinned unit from memory (before export or at rest)."""
         self.drain()
         for unit in self.units.values():
-            if unit.state is UnitState.RESIDENT and self._evictable(unit):
-                self._evict(unit)
+            if unit.state in (UnitState.RESIDENT, UnitState.SLICED) and self._evictable(unit):
+                self._drop(unit)
 
     def written_records(self) -> dict[str, object]:
         """Records of units written since the last commit (what the next commit must name)."""
@@ -502,10 +607,10 @@ class Scheduler:
         self.drain(raise_errors=False)
         for unit in self.units.values():
             if unit.updated or unit.written is not None:
-                unit.dirty = False  # dropped, not written
+                unit.dirty = unit.slice_dirty = False  # dropped, not written
                 if unit.state is not UnitState.ON_DISK:
                     unit.pins = 0
-                    self._evict(unit)
+                    self._drop(unit)
                 unit.updated = False
                 unit.dirty = False
                 unit.written = None
@@ -524,6 +629,8 @@ class Scheduler:
                     unit.pending_grads = unit.held_grads = unit.reducing = 0
                     if unit.bound:
                         self._unbind(unit)
-                    self.pool.release(unit.buffer)
-                    unit.buffer = None
+                    for buf in (unit.buffer, unit.slice_buf):
+                        if buf is not None:
+                            self.pool.release(buf)
+                    unit.buffer = unit.slice_buf = None
                     unit.state = UnitState.ON_DISK

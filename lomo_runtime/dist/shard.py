@@ -19,9 +19,9 @@ thread's gradient all-reduces), and the scheduler runs in collective mode (`Sche
 collective=True)`: no prefetch started by I/O timing), so every rank starts the same reads in
 the same order.
 
-Per rank, disk bytes and disk reads and writes are 1/W of one process's. The units in memory are
-whole (gathered) units under the weights budget, as in one process: ZeRO-3's "only your slice
-at rest" is not built (a unit's own slice would need a memory tier between disk and whole).
+Per rank, disk bytes and disk reads and writes are 1/W of one process's, and so are the weights
+held at rest: the scheduler keeps a unit that is not in use (nor about to be) as this rank's
+slice only (`UnitState.SLICED`), and `gather_unit` makes it whole again from the ranks' memory.
 """
 from __future__ import annotations
 
@@ -142,6 +142,21 @@ class ShardedStore:
         if not ok:
             raise StoreError(f"unit {name}: another rank failed to read its slice (its log names the file)")
         self.parallel.all_gather_into(buf[:self.world * s], mine, f"gathering unit {name}")
+        return self._whole(slice_rec)
+
+    def gather_unit(self, name: str, buf: torch.Tensor) -> None:
+        """`buf` holds this rank's slice in its place (kept in memory at rest): gather the others'
+        from their memory (collective; the same agreement as `read_unit`, with nothing to fail)."""
+        s = slice_bytes(self._sizes[name], self.world)
+        self.parallel.all_true(True, f"gathering unit {name}", group=self.parallel.gather_group)
+        self.parallel.all_gather_into(buf[:self.world * s], buf[self.rank * s:(self.rank + 1) * s],
+                                      f"gathering unit {name}")
+
+    def write_slice(self, name: str, slice_buf: torch.Tensor, generation: int) -> UnitRecord:
+        """Write this rank's slice, held apart from its unit (at rest), as generation `generation`."""
+        s = slice_bytes(self._sizes[name], self.world)
+        slice_rec = self.inner.write_unit(name, slice_buf[:s], generation)
+        self._written[(name, generation)] = slice_rec
         return self._whole(slice_rec)
 
     def write_unit(self, name: str, buf: torch.Tensor, generation: int, tensors=None) -> UnitRecord:
