@@ -340,6 +340,8 @@ class Scheduler:
             if name in seen:
                 continue
             seen.add(name)
+            if self.collective and len(seen) > self.prefetch_depth + 1:
+                break  # collective mode: only the window is whole; what lies beyond rests as slices
             unit = self.units[name]
             if unit.state not in (UnitState.ON_DISK, UnitState.SLICED):
                 continue
@@ -492,6 +494,9 @@ class Scheduler:
                 if unit.state is UnitState.SLICED and unit.slice_dirty:
                     self._write_slice(unit)
                     continue
+                if unit.dirty and unit.state is UnitState.LOADING:  # a dirty slice being gathered whole
+                    self._wait(unit)
+                    self._finish_load(unit)
                 if unit.dirty:
                     if not unit.settled or unit.state is UnitState.ON_DISK:
                         raise RuntimeError(f"internal error: unit {unit.name} has updates in memory that cannot be committed")
