@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=2, help="per rank; one process runs twice this")
     ap.add_argument("--budget-frac", type=float, default=0.5, help="weights budget as a fraction of the weights")
+    ap.add_argument("--configs", default="streamed,all resident", help="which configurations to run")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "parallel.json"))
     args = ap.parse_args()
 
@@ -84,8 +85,9 @@ def main() -> None:
         print(f"model: llama hidden {args.hidden} x {args.layers} layers, {weights / mib:.0f} MiB fp32; "
               f"global batch {2 * args.batch_size} x {args.seq_len}")
         # Streamed: disk bytes and I/O per rank. All resident: the weights held at rest.
-        for config, cap, methods in (("streamed", budget, ("one process", "replicate", "shard")),
-                                     ("all resident", None, ("one process", "shard"))):
+        configs = (("streamed", budget, ("one process", "replicate", "shard")),
+                   ("all resident", None, ("one process", "shard")))
+        for config, cap, methods in (c for c in configs if c[0] in args.configs.split(",")):
             common = ["train", "--model", str(model), "--data", str(data), "--steps", str(args.steps),
                       "--seq-len", str(args.seq_len), "--lr", "0.01", "--eval-fraction", "0", "--commit-every", "10",
                       *(["--weights-budget", str(cap)] if cap else [])]
