@@ -34,6 +34,7 @@ CASES = [
     {"arch": "gpt2", "rule": "adalomo"},
     {"arch": "llama", "rule": "sgd", "clip": 0.5, "accumulate": 2},
     {"arch": "gpt2", "rule": "sgd", "poison": True},
+    {"arch": "llama", "rule": "sgd", "lora": 4},
 ]
 
 
@@ -114,8 +115,20 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in (path / "units").iterdir())
 
 
+def add_adapters(rt: Runtime, case: dict) -> None:
+    """LoRA adapters (peft, AdamW in memory) beside the fused update, for cases with "lora"."""
+    if "lora" in case:
+        from lomo_runtime.lora import LoraSettings
+
+        rt.add_lora(LoraSettings(rank=case["lora"], lr=1e-2))
+
+
 def weights(rt: Runtime) -> dict[str, torch.Tensor]:
-    return {name: t.clone() for name, t in rt.iter_weights()}
+    """The trained weights; with adapters, merged (W + B A scaled), so both are compared."""
+    tensors = rt.iter_weights()
+    if rt.adapters is not None:
+        tensors = rt.adapters.merged(tensors)
+    return {name: t.clone() for name, t in tensors}
 
 
 def main() -> None:
@@ -143,6 +156,7 @@ def main() -> None:
             budget += 3 * world * 4096
         settings = dict(weights_budget=budget, commit_every=4, grad_accumulation="accumulate" in case)
         rt = Runtime(model, make_rule(case), work_dir=models / f"{mode}-{name}", parallel=par, **settings)
+        add_adapters(rt, case)
         drops = drive(rt, case, world, rank)
         reads = rt.scheduler.stats.reads
         mine = weights(rt)  # commits first
@@ -151,6 +165,7 @@ def main() -> None:
         digests = par.gather({n: float(t.double().sum()) for n, t in mine.items()})
         if rank == 0:
             with Runtime(model, make_rule(case), work_dir=models / f"one-{mode}-{name}", **settings) as one:
+                add_adapters(one, case)
                 one_drops = drive(one, case, world, None)
                 ref = weights(one)
                 one_disk = du(one.work_dir)

@@ -39,7 +39,7 @@ def _label(case: dict) -> str:
     return "-".join(f"{k}={v}" for k, v in case.items())
 
 
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(9))
 def test_ranks_equal_one_process_on_the_global_batch(library_results: list[dict], index: int) -> None:
     result = library_results[index]
     label = f"{result['mode']}: {_label(result['case'])}"
