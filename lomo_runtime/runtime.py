@@ -225,6 +225,7 @@ class Runtime(SegmentHooks):
         # A caller that already validated the checkpoint (the trainer) passes it, so headers are read once.
         self.checkpoint = checkpoint if checkpoint is not None else Checkpoint.open(self.model_dir)
         self.store = self._open_store(resume) if self.parallel is None else self._open_rank_store(resume)
+        self._shard = isinstance(self.store, ShardedStore)  # units are slices on disk, gathered on read
         self.step = self.store.step  # completed steps; the store's committed step lags it by < commit_every
         self.model = build_skeleton(str(self.model_dir), dtype)
         self._params: dict[nn.Parameter, _ParamInfo] = {}
@@ -235,7 +236,6 @@ class Runtime(SegmentHooks):
         self.weights_budget = self._resolve_budget(memory_budget, weights_budget, seq_len, batch_size)
         # Capped at the weights budget: freed buffers of one size are dropped before another size overflows it.
         self.pool = StagingPool(self.weights_budget)
-        self._shard = isinstance(self.store, ShardedStore)  # units are slices on disk, gathered on read
         self.scheduler = Scheduler(units, self.store, self.pool, self.weights_budget, prefetch_depth, io_threads,
                                    collective=self._shard, slice_rank=self.parallel.rank if self._shard else 0)
         self.scheduler.generation = self._generation
@@ -305,12 +305,18 @@ class Runtime(SegmentHooks):
         units = [(u.name, [(t, loader(t)) for t in u.tensor_names]) for u in self.checkpoint.units]
         total = sum(math.prod(self.checkpoint.tensors[self.checkpoint.resolve(t)].entry.shape)
                     for u in self.checkpoint.units for t in u.tensor_names) * dtype.itemsize
-        meta = {"source_dir": str(self.model_dir.resolve()), "config": self.checkpoint.config,
-                "dtype": dtype_name(dtype), "rule": self._rule_identity(), "master_weights": self.master_weights}
         with self._work_progress("creating working store", total) as shown:
-            return WorkingStore.create(
-                self.work_dir, units, meta,
-                on_unit=lambda name, n, done: shown.update(done, f"{name}, {n}/{len(units)} units"))
+            return WorkingStore.create(self.work_dir, units, self._store_meta(), on_unit=self._unit_progress(shown, units))
+
+    def _store_meta(self) -> dict[str, Any]:
+        """What a new store records about its run: source, config, dtype, rule, master weights."""
+        return {"source_dir": str(self.model_dir.resolve()), "config": self.checkpoint.config,
+                "dtype": dtype_name(self.dtype), "rule": self._rule_identity(), "master_weights": self.master_weights}
+
+    @staticmethod
+    def _unit_progress(shown: WorkProgress, units: list):
+        """`on_unit` for store creation: bytes done, the unit, units done of all."""
+        return lambda name, n, done: shown.update(done, f"{name}, {n}/{len(units)} units")
 
     def _open_rank_store(self, resume: bool) -> WorkingStore:
         """This rank's store under the run directory, opened at the step the run's commit record
@@ -382,11 +388,9 @@ class Runtime(SegmentHooks):
                     load = (lambda t=t: ckpt.read_tensor(t).to(torch.float32)) if key == "master" else zeros(sh, dt)
                     states.append((f"{t}{STATE_SEP}{key}", dtype_name(dt), sh, load))
             units.append((unit.name, weights + states))
-        meta = {"source_dir": str(self.model_dir.resolve()), "config": ckpt.config,
-                "dtype": dtype_name(dtype), "rule": self._rule_identity(), "master_weights": self.master_weights}
         with self._work_progress("creating working store (this rank's slices)") as shown:
-            return ShardedStore.create(self.work_dir, units, meta, self.parallel,
-                                       on_unit=lambda name, n, done: shown.update(done, f"{name}, {n}/{len(units)} units"))
+            return ShardedStore.create(self.work_dir, units, self._store_meta(), self.parallel,
+                                       on_unit=self._unit_progress(shown, units))
 
     def _work_progress(self, label: str, total: int | None = None) -> WorkProgress:
         """A byte-progress display on `progress_stream` (a silent one without a stream)."""
@@ -464,7 +468,7 @@ class Runtime(SegmentHooks):
                         missing.append((f"{slot.name}{STATE_SEP}{key}", dtype_name(dt), shape))
             if not missing:
                 continue
-            if isinstance(self.store, ShardedStore):
+            if self._shard:
                 raise UserError(f"--resume from {self.work_dir}: the sharded store has no {missing[0][0]}; a sharded "
                                 "run keeps the state layout it started with (same --grad-accum-steps, rule, master weights)")
             old = aligned_empty(rec.nbytes)
@@ -489,7 +493,7 @@ class Runtime(SegmentHooks):
         index = {name: i for i, (name, _) in enumerate(self.model.named_parameters())}
         for name, record in self.store.units.items():
             unit = Unit(name=name, nbytes=record.nbytes, params=[],
-                        disk_nbytes=record.nbytes // self.parallel.world if isinstance(self.store, ShardedStore) else 0)
+                        disk_nbytes=record.nbytes // self.parallel.world if self._shard else 0)
             for slot in record.tensors:
                 if STATE_SEP in slot.name:
                     continue
@@ -1048,10 +1052,10 @@ class Runtime(SegmentHooks):
             meta["last_grad_norm"] = self._last_norm
         if self.adapters is not None:
             meta["adapters"] = self.adapters.write(self.work_dir, self.step)
+        records = self.scheduler.written_records()
         if self.parallel is None:
-            self.store.commit(self.step, self.scheduler.written_records(), meta)
+            self.store.commit(self.step, records, meta)
         else:
-            records = self.scheduler.written_records()
             self.parallel.commit_step(self.run_dir, self.step, lambda: self.store.prepare(self.step, records, meta),
                                       self.store.finish_prepared)
         if self.adapters is not None:
@@ -1196,7 +1200,7 @@ class Runtime(SegmentHooks):
         out = Path(out_dir)
         self.commit()  # export what was trained, all of it
         if self.parallel is not None and not self.parallel.is_main:
-            if isinstance(self.store, ShardedStore):
+            if self._shard:
                 self.scheduler.evict_all()
                 for _ in self.iter_weights():  # rank 0 gathers every unit: take part, write nothing
                     pass
@@ -1224,8 +1228,7 @@ class Runtime(SegmentHooks):
     def reset_peaks(self) -> None:
         """Start a new measurement window for `memory_report` (the trainer calls it every step)."""
         self.scheduler.stats.peak_resident_bytes = self.scheduler.resident_bytes()
-        self.scheduler.stats.peak_slice_bytes = sum(u.disk_nbytes for u in self.scheduler.units.values()
-                                                    if u.state is UnitState.SLICED)
+        self.scheduler.stats.peak_slice_bytes = self.scheduler.sliced_bytes()
         self.pool.reset_peak()
         reset_peak_rss()
 

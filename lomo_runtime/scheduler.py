@@ -70,7 +70,7 @@ class Unit:
     pending_grads: int = 0                         # gradients accumulated but not yet applied
     held_grads: int = 0                            # complete gradients held for the unit's clip norm (clip_mode="unit")
     reducing: int = 0                              # gradients in an all-reduce across ranks, not yet applied
-    disk_nbytes: int = 0                           # bytes one read or write moves on disk (0: nbytes; a shard: its slice)
+    disk_nbytes: int = 0                           # bytes one read or write moves on disk (0 given: nbytes; a shard: its slice)
     slice_buf: torch.Tensor | None = None          # SLICED: this rank's slice of the unit's bytes
     slice_dirty: bool = False                      # SLICED: the slice holds updates the store does not have
     updated: bool = False                          # weights or state changed since the last commit
@@ -78,6 +78,9 @@ class Unit:
     settled: bool = True                           # every update of this step is applied (a dirty unit may be written)
     future: Future | None = None                   # the in-flight read or write
     written: object | None = None                  # store record of the newest uncommitted write
+
+    def __post_init__(self) -> None:
+        self.disk_nbytes = self.disk_nbytes or self.nbytes
 
 
 @dataclass
@@ -223,7 +226,8 @@ class Scheduler:
         return self.weights_budget is None or self._resident_bytes() + unit.disk_nbytes <= self.weights_budget
 
     def _window(self) -> set[str]:
-        """The next `prefetch_depth` distinct units of the sequence (kept whole, not demoted)."""
+        """The units in use next and the `prefetch_depth` after them: the next `prefetch_depth` + 1
+        distinct units of the sequence (collective mode keeps them whole, and prefetches no further)."""
         upcoming: list[str] = []
         n = len(self._sequence)
         for pos in range(self._cursor + 1, self._cursor + 1 + n):
@@ -287,7 +291,7 @@ class Scheduler:
             unit.future = self._reads.submit(self._read, unit.name, unit.buffer, record)
             # Counted when issued, not when done, so a step's figures do not depend on thread timing.
             self.stats.reads += 1
-            self.stats.read_bytes += unit.disk_nbytes or unit.nbytes
+            self.stats.read_bytes += unit.disk_nbytes
         self._inflight.add(unit.name)
         self._note_resident()
         return True
@@ -330,6 +334,7 @@ class Scheduler:
             self._reap()
         started = 0
         seen: set[str] = set()
+        window = self._window() if self.collective else None
         n = len(self._sequence)
         # Past the end of the pass the next one repeats it (the next step's forward, the next eval
         # batch): its first units are read while this pass's last ones still compute.
@@ -340,7 +345,7 @@ class Scheduler:
             if name in seen:
                 continue
             seen.add(name)
-            if self.collective and len(seen) > self.prefetch_depth + 1:
+            if window is not None and name not in window:
                 break  # collective mode: only the window is whole; what lies beyond rests as slices
             unit = self.units[name]
             if unit.state not in (UnitState.ON_DISK, UnitState.SLICED):
@@ -361,8 +366,11 @@ class Scheduler:
     def _note_resident(self, extra: int = 0) -> None:
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self._resident_bytes() + extra)
         if self.collective:
-            sliced = sum(u.disk_nbytes for u in self.units.values() if u.state is UnitState.SLICED)
-            self.stats.peak_slice_bytes = max(self.stats.peak_slice_bytes, sliced)
+            self.stats.peak_slice_bytes = max(self.stats.peak_slice_bytes, self.sliced_bytes())
+
+    def sliced_bytes(self) -> int:
+        """Bytes of the slices held at rest (collective mode's SLICED units)."""
+        return sum(u.disk_nbytes for u in self.units.values() if u.state is UnitState.SLICED)
 
     def _evictable(self, unit: Unit, allow_dirty: bool = False) -> bool:
         """May `unit` leave memory now? A dirty one only if its updates are complete and the caller
@@ -511,7 +519,7 @@ class Scheduler:
         record = write(name, buffer, generation)
         with self._lock:
             self.stats.writes += 1
-            self.stats.write_bytes += self.units[name].disk_nbytes or self.units[name].nbytes
+            self.stats.write_bytes += self.units[name].disk_nbytes
         return record
 
     def _finish_write(self, unit: Unit) -> None:

@@ -16,7 +16,7 @@ steps since that commit from their recorded data positions (without logging
 them twice) and retries the dropped step with the batch after the dropped one,
 exactly as a run committing every step does.
 
-Several ranks (`--parallel replicate` under torchrun): every rank reads the global batch
+Several ranks (`--parallel replicate|shard` under torchrun): every rank reads the global batch
 stream (`--batch-size` x W sequences per step, the batches one process with that batch size
 would see) and takes its rank's consecutive share, so the data position is the same on every
 rank and resumes as one. The loss each rank backpropagates is its label tokens' summed loss
