@@ -5,7 +5,8 @@ Each case trains 6 steps at the minimum weights budget (units stream), commits e
 (so a two-phase commit happens mid-run and at the end), then rank 0 trains one process on the
 same global batches and writes the largest difference per case to the JSON file named by
 argv[2]. Cases may clip the global norm, accumulate micro-batches, or poison one step with a
-non-finite gradient on rank 1 only (the step must be dropped on both ranks, and rolled back).
+non-finite gradient on rank 1 only (the step must be dropped on both ranks, and rolled back), or
+a non-finite loss on rank 1 only (dropped on both before backward).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ CASES = [
     {"arch": "llama", "rule": "sgd", "clip": 0.5, "accumulate": 2},
     {"arch": "gpt2", "rule": "sgd", "poison": True},
     {"arch": "llama", "rule": "sgd", "lora": 4},
+    {"arch": "llama", "rule": "sgd", "poison_loss": True},
 ]
 
 
@@ -78,10 +80,14 @@ def drive(rt: Runtime, case: dict, world: int, rank: int | None) -> list[bool]:
             loss = rt.model(input_ids=ids, labels=ids).loss / k
             if case.get("poison") and index == POISON and not poisoned and rank in (None, 1):
                 loss = _NaNGrad.apply(loss)
+            if case.get("poison_loss") and index == POISON and not poisoned and rank in (None, 1):
+                loss = loss * float("nan")  # a NaN loss on rank 1 alone: both must drop the step
             result = rt.backward(loss, accumulate=micro < k - 1)
-        if case.get("poison") and index == POISON:
+        if (case.get("poison") or case.get("poison_loss")) and index == POISON:
             poisoned = True
         drops.append(result.dropped)
+        if sum(drops) > 2:  # a case drops at most one step: more means broken weights, not a loop forever
+            raise RuntimeError(f"{case}: {sum(drops)} steps dropped ({result.reason})")
         if result.dropped:
             nxt = index + 1
         elif s == len(schedule):

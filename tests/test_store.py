@@ -109,6 +109,41 @@ def test_commit_and_reopen(tmp_path: Path) -> None:
             assert torch.equal(after[name], t)
 
 
+@pytest.mark.parametrize("recorded", [0, 1])
+def test_a_crash_between_prepare_and_finish_is_settled_by_the_commit_record(tmp_path: Path, recorded: int) -> None:
+    """Two-phase commit (several ranks): a store prepared at step 1 and never finished opens at the
+    step the run's record names: 1 finishes the prepared manifest, 0 drops it with its files."""
+    work = tmp_path / "store"
+    with _create(work) as store:
+        before = _read_all(store)
+        rec = _bump(store, "block.0", generation=1)
+        store.prepare(1, {"block.0": rec}, meta={"config": {}, "note": "step 1"})
+        assert store.step == 0 and (work / "manifest.next.json").exists()
+        assert {"block.0.g0.bin", "block.0.g1.bin"} <= set(os.listdir(work / "units"))  # both kept until decided
+    with WorkingStore.open(work, committed_step=recorded) as store:
+        assert store.step == recorded and not (work / "manifest.next.json").exists()
+        after = _read_all(store)
+        assert store.units["block.0"].generation == recorded
+        assert set(os.listdir(work / "units")) >= {f"block.0.g{recorded}.bin"}
+        assert f"block.0.g{1 - recorded}.bin" not in os.listdir(work / "units")
+    changed = after["model.layers.0.q.weight"].float() - before["model.layers.0.q.weight"].float()
+    assert bool((changed == 0).all()) == (recorded == 0)
+    with pytest.raises(StoreError, match="commit record names step 5"):
+        WorkingStore.open(work, committed_step=5)
+
+
+def test_finish_prepared_adopts_the_step_and_deletes_what_it_superseded(tmp_path: Path) -> None:
+    work = tmp_path / "store"
+    with _create(work) as store:
+        rec = _bump(store, "embed", generation=2)
+        store.prepare(1, {"embed": rec})
+        store.finish_prepared()
+        assert store.step == 1 and store.units["embed"].generation == 2
+        assert "embed.g0.bin" not in os.listdir(work / "units") and not (work / "manifest.next.json").exists()
+    with WorkingStore.open(work) as store:
+        assert store.step == 1
+
+
 def test_old_generation_deleted_only_after_commit(tmp_path: Path) -> None:
     with _create(tmp_path / "store") as store:
         units_dir = store.dir / "units"
