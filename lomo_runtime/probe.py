@@ -2,28 +2,39 @@
 
 `lomo-run probe` measures disk read and write bandwidth (O_DIRECT where the
 filesystem allows, through `lomo_runtime.io`, files of `size` bytes in the
-NVMe directory), sustained matmul FLOP/s on the compute device, host-device
-copy bandwidth on CUDA, and the framework overhead: the RSS of a fresh
-process that imported torch + transformers and built an empty-parameter
-Llama, and ran one tiny step (measured here: ~390 MiB on torch 2.13 /
-transformers 5.24).
+NVMe directory), sustained matmul FLOP/s on the compute device, and the
+framework overhead: the RSS of a fresh process that imported torch +
+transformers and built an empty-parameter Llama, and ran one tiny step
+(measured here: ~390 MiB on torch 2.13 / transformers 5.24).
 
-Results go to `$LOMO_RUN_CACHE/probe.json` (default `~/.cache/lomo-run/`);
-`load_machine` reads them back and fills what was never measured with
-defaults, recording each figure's source.
+`lomo-run probe --device cuda` adds, timed with CUDA events (median of
+repeats): H2D and D2H copy bandwidth from pinned host memory of exact size (an
+anonymous mmap registered with `cudaHostRegister`, the way the staging pool
+pins), bf16/fp16/fp32 FLOP/s of 8192^3 matmuls, and the device's memory
+(`torch.cuda.mem_get_info`).
+
+Results go to `$LOMO_RUN_CACHE/probe.json` (default `~/.cache/lomo-run/`), one
+flat object: the CUDA figures sit beside the CPU ones (`flops_per_s.cuda.bf16`
+beside `flops_per_s.cpu.bf16`, `h2d_bps`, `d2h_bps`, `device_memory_bytes.cuda`).
+`load_machine` reads them back, takes a named GPU's published figures
+(`planner.gpus`) when asked, fills what was never measured with defaults, and
+records each figure's source.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from .errors import UserError
+from .planner.gpus import GPUS, gpu as gpu_named
 from .planner.spec import Machine
 
 DEFAULTS = {
@@ -31,6 +42,7 @@ DEFAULTS = {
     "disk_write_bps": 1.0e9,
     "flops_per_s": 5.0e10,       # fp32 matmul on 2 cores
     "h2d_bps": 1.2e10,           # PCIe 3 x16, pinned
+    "d2h_bps": 1.2e10,
     # gloo between two ranks on this 2-core machine: a 64 MiB fp32 all-reduce in 53 ms, 1.26 GB/s
     # (median of 5). NCCL on NVLink is two orders of magnitude faster: pass --allreduce-bw there.
     "allreduce_bps": 1.2e9,
@@ -58,9 +70,28 @@ def host_memory_bytes() -> int:
     return int(psutil.virtual_memory().total)
 
 
+CUDA_FIGURES = ("flops_per_s", "h2d_bps", "d2h_bps")
+"""The figures that describe a CUDA device; a probe, a `--gpu` or flags must give them."""
+FLAG_NAMES = {"flops_per_s": "--flops", "h2d_bps": "--pcie-bandwidth", "d2h_bps": "--pcie-bandwidth",
+              "disk_read_bps": "--disk-read-bw", "disk_write_bps": "--disk-write-bw",
+              "allreduce_bps": "--allreduce-bw"}
+
+
+def has_cuda_probe(probed: dict[str, Any]) -> bool:
+    """Whether `probe --device cuda` ran on this machine (its FLOP/s are in the cache)."""
+    return any(key.startswith("flops_per_s.cuda.") for key in probed)
+
+
 def load_machine(device: str = "cpu", dtype: str = "fp32", nvme_dir: str | None = None,
-                 host_memory: int | None = None, device_memory: int | None = None) -> Machine:
-    """A `Machine` from the probe cache, defaults where nothing was measured, and flags over both."""
+                 host_memory: int | None = None, device_memory: int | None = None,
+                 gpu: str | None = None) -> Machine:
+    """A `Machine` from the probe cache, defaults where nothing was measured, and flags over both.
+
+    On CUDA the device's figures (FLOP/s, H2D and D2H bytes/s, memory) come from `gpu`'s
+    published figures when named, else from a CUDA probe in the cache, else they are defaults
+    that describe no GPU (`origin` "defaults": `with_flags` refuses to plan with them).
+    `device_memory` (the memory budget) wins over the probed or published memory.
+    """
     probed = load_probe()
     values: dict[str, Any] = {}
     source: dict[str, str] = {}
@@ -70,6 +101,29 @@ def load_machine(device: str = "cpu", dtype: str = "fp32", nvme_dir: str | None 
             values[key], source[key] = probed[probe_key], "probe"
         else:
             values[key], source[key] = default, "default"
+    origin = f"probe ({cache_path()})" if source["flops_per_s"] == "probe" else "defaults"
+    memory = None
+    if device == "cuda":
+        if gpu is not None:
+            named = gpu_named(gpu)
+            values.update(flops_per_s=named.flops_per_s(dtype), h2d_bps=named.copy_bps, d2h_bps=named.copy_bps)
+            source.update(dict.fromkeys(CUDA_FIGURES, f"gpu {named.name}"))
+            memory, source["device_memory_bytes"] = named.memory_bytes, f"gpu {named.name}"
+            origin = f"published figures for {named.name}"
+        elif has_cuda_probe(probed):
+            other = f"flops_per_s.cuda.{ {'bf16': 'fp16', 'fp16': 'bf16'}.get(dtype, dtype)}"
+            if source["flops_per_s"] != "probe" and other in probed:  # tensor cores: bf16 and fp16 alike
+                values["flops_per_s"], source["flops_per_s"] = probed[other], f"probe ({other})"
+            if source["d2h_bps"] != "probe" and source["h2d_bps"] == "probe":
+                values["d2h_bps"], source["d2h_bps"] = values["h2d_bps"], "probe (h2d_bps)"
+            if "device_memory_bytes.cuda" in probed:
+                memory, source["device_memory_bytes"] = int(probed["device_memory_bytes.cuda"]), "probe"
+            # A probe without this dtype's FLOP/s describes the GPU no better than nothing does.
+            origin = f"probe ({cache_path()})" if source["flops_per_s"] != "default" else "defaults"
+        else:
+            origin = "defaults"
+    if device_memory is not None:
+        memory, source["device_memory_bytes"] = device_memory, "flag"
     if host_memory is None:
         host_memory, source["host_memory_bytes"] = host_memory_bytes(), "machine"
     else:
@@ -80,8 +134,34 @@ def load_machine(device: str = "cpu", dtype: str = "fp32", nvme_dir: str | None 
         while not path.exists() and path != path.parent:
             path = path.parent
         nvme_free, source["nvme_free_bytes"] = shutil.disk_usage(path).free, "statvfs"
-    return Machine(host_memory_bytes=host_memory, device_memory_bytes=device_memory, nvme_free_bytes=nvme_free,
-                   source=source, **{k: (int(v) if k == "framework_bytes" else float(v)) for k, v in values.items()})
+    return Machine(host_memory_bytes=host_memory, device_memory_bytes=memory, nvme_free_bytes=nvme_free,
+                   source=source, origin=origin,
+                   **{k: (int(v) if k == "framework_bytes" else float(v)) for k, v in values.items()})
+
+
+def with_flags(machine: Machine, device: str, figures: dict[str, float | None]) -> Machine:
+    """Set the figures given as flags (`Machine` attribute -> value, None: not given) over `machine`.
+
+    On CUDA, when neither a probe nor a named GPU gave the device's figures, both `--flops`
+    and `--pcie-bandwidth` must: otherwise `UserError` (exit 2), saying how to get them.
+    """
+    given = {attr: value for attr, value in figures.items() if value is not None}
+    for attr, value in given.items():
+        setattr(machine, attr, float(value))
+        machine.source[attr] = "flag"
+    device_flags = sorted({FLAG_NAMES[a] for a in given if a in CUDA_FIGURES})
+    if device == "cuda" and machine.origin == "defaults":
+        missing = sorted({FLAG_NAMES[a] for a in CUDA_FIGURES} - set(device_flags))
+        if missing:
+            also = f"; {', '.join(device_flags)} alone is not enough" if device_flags else ""
+            raise UserError(
+                f"device cuda: no figures for the GPU (no CUDA probe in {cache_path()}{also}): "
+                f"pass --gpu NAME ({', '.join(GPUS)}), or --flops and --pcie-bandwidth, "
+                f"or run `lomo-run probe --device cuda` on the GPU machine")
+        machine.origin = "flags"
+    elif device_flags:
+        machine.origin += f"; {', '.join(device_flags)} from flags"
+    return machine
 
 
 # ---- measurements ----------------------------------------------------------------------------
@@ -105,7 +185,8 @@ def measure_disk(directory: str, size: int = 256 * 2**20) -> tuple[float, float]
 
 
 def measure_flops(device: str = "cpu", dtype: str = "fp32", n: int = 2048, repeat: int = 5) -> float:
-    """Sustained FLOP/s of an n x n x n matmul (2 n^3 FLOPs each), best of `repeat`."""
+    """Sustained FLOP/s of an n x n x n matmul on the CPU (2 n^3 FLOPs each), best of `repeat`
+    (CUDA: `measure_cuda_flops`)."""
     import torch
 
     from .planner.spec import DTYPES
@@ -115,27 +196,116 @@ def measure_flops(device: str = "cpu", dtype: str = "fp32", n: int = 2048, repea
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
         start = time.perf_counter()
         torch.mm(a, b)
-        if device == "cuda":
-            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
 
-def measure_h2d(size: int = 256 * 2**20) -> float:
+def require_cuda() -> None:
+    """`UserError` (exit 2) in one line where torch sees no CUDA device."""
     import torch
 
-    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(size, dtype=torch.uint8, device="cuda")
-    dev.copy_(host, non_blocking=True)
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise UserError(f"--device cuda: torch {torch.__version__} ({build}) sees no CUDA device here; "
+                        f"run `lomo-run probe --device cuda` on the GPU machine")
+
+
+def _time_cuda(fn: Callable[[], Any], repeat: int) -> float:
+    """Median seconds of `fn()` on the current stream, between two CUDA events."""
+    import torch
+
+    seconds = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        seconds.append(start.elapsed_time(end) / 1e3)  # elapsed_time is in ms
+    return statistics.median(seconds)
+
+
+def pinned_host(size: int) -> tuple[Any, Callable[[], None], str]:
+    """(`size` bytes of page-locked host memory as a uint8 tensor, its release, how it was pinned).
+
+    Exact size: an anonymous mmap (page-aligned) registered with `cudaHostRegister`. Where that
+    fails, torch's `pin_memory=True` (its caching host allocator rounds up to a power of two).
+    The register call runs on a helper thread: a failed runtime call leaves CUDA's per-thread
+    last error set, which torch's next kernel-launch check on this thread would report as its own.
+    """
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    region = mmap.mmap(-1, size)
+    host = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive
+    cudart = torch.cuda.cudart()
+    with ThreadPoolExecutor(1) as pool:
+        err = int(pool.submit(cudart.cudaHostRegister, host.data_ptr(), size, 0).result())
+    if err != 0:
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True), lambda: None, "pin_memory"
+
+    def release() -> None:
+        torch.cuda.synchronize()
+        torch.cuda.check_error(cudart.cudaHostUnregister(host.data_ptr()))
+
+    return host, release, "cudaHostRegister"
+
+
+def measure_copies(size: int = 512 * 2**20, repeat: int = 7) -> tuple[float, float, str]:
+    """(H2D, D2H) bytes/s of one `size`-byte copy between pinned host and device memory, median
+    of `repeat`, and how the host memory was pinned."""
+    import torch
+
+    host, release, pinned = pinned_host(size)
+    try:
+        host.fill_(1)
+        dev = torch.empty(size, dtype=torch.uint8, device="cuda")
+        dev.copy_(host, non_blocking=True)  # warm up both directions
+        host.copy_(dev, non_blocking=True)
+        torch.cuda.synchronize()
+        h2d = size / _time_cuda(lambda: dev.copy_(host, non_blocking=True), repeat)
+        d2h = size / _time_cuda(lambda: host.copy_(dev, non_blocking=True), repeat)
+    finally:
+        release()
+    return h2d, d2h, pinned
+
+
+def measure_cuda_flops(dtype: str = "bf16", n: int = 8192, calls: int = 10, repeat: int = 5) -> float:
+    """Sustained FLOP/s of `calls` n x n x n matmuls back to back (2 n^3 FLOPs each), median of `repeat`."""
+    import torch
+
+    from .planner.spec import DTYPES
+
+    a = torch.randn(n, n, dtype=DTYPES[dtype], device="cuda")
+    b = torch.randn(n, n, dtype=DTYPES[dtype], device="cuda")
+    out = torch.empty_like(a)
+    torch.mm(a, b, out=out)  # cuBLAS handle and heuristics
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    return size / (time.perf_counter() - start)
+
+    def matmuls() -> None:
+        for _ in range(calls):
+            torch.mm(a, b, out=out)
+
+    return 2 * n**3 * calls / _time_cuda(matmuls, repeat)
+
+
+def measure_cuda() -> dict[str, Any]:
+    """The CUDA figures `load_machine` reads, under the cache's keys."""
+    import torch
+
+    h2d, d2h, pinned = measure_copies()
+    results: dict[str, Any] = {"h2d_bps": h2d, "d2h_bps": d2h, "pinned_host.cuda": pinned}
+    for dtype in ("bf16", "fp16", "fp32"):
+        results[f"flops_per_s.cuda.{dtype}"] = measure_cuda_flops(dtype)
+    free, total = torch.cuda.mem_get_info()
+    results["device_memory_bytes.cuda"] = int(total)
+    results["device_name.cuda"] = torch.cuda.get_device_name()
+    results["torch.cuda"] = f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return results
 
 
 _FRAMEWORK_SNIPPET = """
@@ -166,13 +336,20 @@ def measure_framework_bytes() -> int:
 
 
 def run_probe(nvme_dir: str, device: str = "cpu", dtypes: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, Any]:
-    """Measure everything, merge into the cache file, return the new figures."""
+    """Measure everything, merge into the cache file, return the new figures.
+
+    `device="cuda"`: the CUDA figures (`measure_cuda`) instead of CPU FLOP/s; `UserError`
+    before measuring anything where there is no CUDA device.
+    """
+    if device == "cuda":
+        require_cuda()
     results: dict[str, Any] = dict(load_probe())
     results["disk_read_bps"], results["disk_write_bps"] = measure_disk(nvme_dir)
-    for dtype in dtypes:
-        results[f"flops_per_s.{device}.{dtype}"] = measure_flops(device, dtype)
     if device == "cuda":
-        results["h2d_bps"] = measure_h2d()
+        results.update(measure_cuda())
+    else:
+        for dtype in dtypes:
+            results[f"flops_per_s.{device}.{dtype}"] = measure_flops(device, dtype)
     results["framework_bytes"] = measure_framework_bytes()
     results["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     path = cache_path()

@@ -285,3 +285,95 @@ def test_replay_matches_an_independent_replay_and_measured_reads(tmp_path, tied,
     assert max(in_use) == sim.peak_resident_bytes
     if budget is not None:
         assert max(in_use) <= budget
+
+
+# ---- device cuda: the GPU's figures from a probe, a named GPU's published figures, or flags ----
+
+CUDA_JOB = ("plan", "--model", str(LLAMA_7B), "--device", "cuda", "--dtype", "bf16", "--seq-len", "512",
+            "--batch-size", "4", "--json")
+
+
+def test_plan_cuda_with_a_named_gpu_uses_its_published_figures(capsys):
+    from lomo_runtime.planner.gpus import GPUS
+
+    code, out, _ = _cli(capsys, *CUDA_JOB, "--gpu", "h100")
+    assert code == 0
+    p = json.loads(out)
+    assert p["machine_source"] == "published figures for h100"
+    assert p["machine"]["source"]["flops_per_s"] == "gpu h100"
+    flops = 0.7 * 989e12  # the datasheet's dense bf16 peak times the table's sustained fraction
+    assert p["machine"]["flops_per_s"] == pytest.approx(flops)
+    assert p["machine"]["h2d_bps"] == pytest.approx(0.8 * 63.0e9)  # PCIe 5.0 x16
+    assert p["budget_bytes"] == GPUS["h100"].memory_bytes  # no --memory-budget: the GPU's memory
+    # The planner counts forward + recompute + backward (2 + 2 + 4 FLOPs per parameter and token) from
+    # its trace; the embedding lookup costs none and the head is not recomputed, so the trace is a few
+    # percent below 8 x params x tokens.
+    tokens = 4 * 512
+    assert p["times_s"]["compute"] == pytest.approx(p["memory"]["step_flops"] / flops)
+    assert p["times_s"]["compute"] == pytest.approx(8 * p["params"] * tokens / flops, rel=0.05)
+    assert 0 < p["tokens_per_s"] < float("inf")
+    assert p["tokens_per_s"] == pytest.approx(tokens / p["est_step_time_s"])
+    code, out, _ = _cli(capsys, *CUDA_JOB[:-1], "--gpu", "h100")
+    assert code == 0 and "machine    published figures for h100: 692 TFLOP/s, H2D 50.4 / D2H 50.4 GB/s" in out
+
+
+def test_plan_cuda_flags_override_the_table(capsys):
+    code, out, _ = _cli(capsys, *CUDA_JOB, "--gpu", "rtx3090", "--flops", "2e13", "--pcie-bandwidth", "1e10",
+                        "--memory-budget", "20GiB")
+    p = json.loads(out)
+    assert code == 0 and p["machine"]["flops_per_s"] == 2e13 and p["machine"]["h2d_bps"] == 1e10
+    assert p["machine"]["d2h_bps"] == 1e10 and p["budget_bytes"] == 20 * 2**30
+    assert p["machine_source"] == "published figures for rtx3090; --flops, --pcie-bandwidth from flags"
+    assert p["times_s"]["compute"] == pytest.approx(p["memory"]["step_flops"] / 2e13)
+    # Flags alone, with --h2d-bw as --pcie-bandwidth's other name.
+    code, out, _ = _cli(capsys, *CUDA_JOB, "--flops", "2e13", "--h2d-bw", "1e10", "--memory-budget", "20GiB")
+    p = json.loads(out)
+    assert code == 0 and p["machine_source"] == "flags" and p["machine"]["h2d_bps"] == 1e10
+
+
+def test_plan_cuda_without_figures_refuses_in_one_line(capsys):
+    for extra in ((), ("--flops", "2e13")):
+        code, out, err = _cli(capsys, *CUDA_JOB, "--memory-budget", "24GiB", *extra)
+        assert code == 2 and out == ""
+        assert len(err.strip().splitlines()) == 1
+        assert "--gpu NAME" in err and "--pcie-bandwidth" in err and "lomo-run probe --device cuda" in err
+
+
+def test_plan_cuda_prefers_a_cuda_probe_and_says_so(tmp_path, capsys):
+    from lomo_runtime.probe import cache_path
+
+    probe = {"flops_per_s.cpu.bf16": 1e11,  # the CPU figures beside the CUDA ones, never used for cuda
+             "flops_per_s.cuda.bf16": 5e14, "flops_per_s.cuda.fp16": 5e14, "flops_per_s.cuda.fp32": 5e13,
+             "h2d_bps": 2.5e10, "d2h_bps": 2.0e10, "device_memory_bytes.cuda": 40 * 2**30,
+             "device_name.cuda": "NVIDIA A100-PCIE-40GB"}
+    cache_path().parent.mkdir(parents=True)
+    cache_path().write_text(json.dumps(probe))
+    code, out, _ = _cli(capsys, *CUDA_JOB)
+    p = json.loads(out)
+    assert code == 0 and p["machine_source"] == f"probe ({cache_path()})"
+    assert p["machine"]["flops_per_s"] == 5e14 and p["machine"]["d2h_bps"] == 2.0e10
+    assert p["budget_bytes"] == 40 * 2**30  # the probed device memory
+    assert p["times_s"]["host-device"] == pytest.approx(p["read_bytes_per_step"] / 2.5e10
+                                                        + p["write_bytes_per_step"] / 2.0e10)
+    code, out, _ = _cli(capsys, *CUDA_JOB[:-1])
+    assert code == 0 and f"machine    probe ({cache_path()}): 500 TFLOP/s, H2D 25 / D2H 20 GB/s" in out
+    # A named GPU is an explicit request: it wins over the probe.
+    code, out, _ = _cli(capsys, *CUDA_JOB, "--gpu", "a100")
+    assert code == 0 and json.loads(out)["machine_source"] == "published figures for a100"
+
+
+def test_slow_plan_prints_significant_figures_not_zero(capsys):
+    code, out, _ = _cli(capsys, "plan", "--model", str(ROOT / "configs" / "models" / "llama-65b"), "--dtype", "fp16",
+                        "--device", "cuda", "--memory-budget", "24GiB", "--seq-len", "512", "--batch-size", "8",
+                        "--flops", "1e9", "--pcie-bandwidth", "1.2e10")
+    line = next(x for x in out.splitlines() if x.startswith("step time"))
+    rate = float(line.rsplit(", ", 1)[1].split()[0])
+    assert code == 0 and 0 < rate < 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no CUDA device")
+def test_probe_cuda_without_cuda_exits_2_in_one_line(tmp_path, capsys):
+    code, out, err = _cli(capsys, "probe", "--device", "cuda", "--offload-dir", str(tmp_path / "scratch"))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "sees no CUDA device" in err and "Traceback" not in err
+    assert not (tmp_path / "scratch").exists()  # refused before measuring anything

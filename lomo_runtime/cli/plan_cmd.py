@@ -8,7 +8,8 @@ import click
 from ..checkpoint.checkpoint import load_config
 from ..errors import DoesNotFit
 from ..planner import RunConfig, format_plan, largest_fitting, plan
-from ..probe import load_machine
+from ..planner.gpus import GPUS
+from ..probe import load_machine, with_flags
 from ..sizes import parse_size
 from . import cli
 
@@ -31,10 +32,14 @@ def _size(value: str | None, what: str) -> int | None:
 @click.option("--host-memory", help="Host RAM (default: this machine's).")
 @click.option("--offload-dir", default=None, type=click.Path(), help="Where the working store goes (free space is checked).")
 @click.option("--prefetch-depth", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--gpu", type=click.Choice(sorted(GPUS)), default=None,
+              help="With --device cuda: plan with this GPU's published figures (FLOP/s, PCIe, memory) "
+                   "instead of a CUDA probe's.")
 @click.option("--flops", type=float, default=None, help="Override sustained FLOP/s of the device.")
 @click.option("--disk-read-bw", type=float, default=None, help="Override disk read bytes/s.")
 @click.option("--disk-write-bw", type=float, default=None, help="Override disk write bytes/s.")
-@click.option("--h2d-bw", type=float, default=None, help="Override host-device copy bytes/s (CUDA).")
+@click.option("--pcie-bandwidth", "--h2d-bw", "pcie_bandwidth", type=float, default=None,
+              help="Override host-device copy bytes/s, each direction (CUDA).")
 @click.option("--commit-every", type=click.IntRange(min=1), default=10, show_default=True,
               help="Steps between commits: resident units are written only then.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
@@ -46,20 +51,23 @@ def _size(value: str | None, what: str) -> int | None:
 @click.option("--max-seq-len", is_flag=True, help="Search the longest sequence that fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan_command(model_dir, seq_len, batch_size, device, dtype, rule, memory_budget, weights_budget, heap_keep, host_memory,
-                 offload_dir, prefetch_depth, flops, disk_read_bw, disk_write_bw, h2d_bw, commit_every, nproc, parallel,
-                 allreduce_bw, max_batch_size, max_seq_len, as_json) -> None:
-    """Predict peak memory, I/O and step time of a training job, and whether it fits."""
+                 offload_dir, prefetch_depth, gpu, flops, disk_read_bw, disk_write_bw, pcie_bandwidth, commit_every, nproc,
+                 parallel, allreduce_bw, max_batch_size, max_seq_len, as_json) -> None:
+    """Predict peak memory, I/O and step time of a training job, and whether it fits.
+
+    On --device cuda the GPU's figures come from --gpu NAME, else from `lomo-run probe --device cuda`'s
+    cache, else from --flops and --pcie-bandwidth (needed then); flags override either.
+    """
     if max_batch_size and max_seq_len:
         raise click.UsageError("--max-batch-size and --max-seq-len: choose one")
+    if gpu is not None and device != "cuda":
+        raise click.UsageError("--gpu needs --device cuda")
     config = load_config(model_dir)
     budget = _size(memory_budget, "--memory-budget")
     machine = load_machine(device, dtype, nvme_dir=offload_dir, host_memory=_size(host_memory, "--host-memory"),
-                           device_memory=budget if device == "cuda" else None)
-    for attr, value in (("flops_per_s", flops), ("disk_read_bps", disk_read_bw),
-                        ("disk_write_bps", disk_write_bw), ("h2d_bps", h2d_bw), ("allreduce_bps", allreduce_bw)):
-        if value is not None:
-            setattr(machine, attr, value)
-            machine.source[attr] = "flag"
+                           device_memory=budget if device == "cuda" else None, gpu=gpu)
+    with_flags(machine, device, {"flops_per_s": flops, "disk_read_bps": disk_read_bw, "disk_write_bps": disk_write_bw,
+                                 "h2d_bps": pcie_bandwidth, "d2h_bps": pcie_bandwidth, "allreduce_bps": allreduce_bw})
     run = RunConfig(seq_len=seq_len, batch_size=batch_size, dtype=dtype, rule=rule, device=device,
                     memory_budget=budget, weights_budget=_size(weights_budget, "--weights-budget"),
                     prefetch_depth=prefetch_depth, heap_keep=_size(heap_keep, "--heap-keep") or 0,

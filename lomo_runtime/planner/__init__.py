@@ -8,7 +8,8 @@ Modules: `spec` (units and their exact byte sizes from config.json; run and
 machine records), `activations` (activation memory and FLOPs traced under
 FakeTensorMode with the runtime's own segments), `residency` (a replay of the
 scheduler's Belady eviction and prefetch: reads per step, staging footprint),
-`plan` (the composition, alternatives, the largest job that fits, the table).
+`plan` (the composition, alternatives, the largest job that fits, the table),
+`gpus` (published figures of a few GPUs, for `plan --device cuda --gpu NAME`).
 """
 from __future__ import annotations
 

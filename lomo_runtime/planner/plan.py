@@ -21,7 +21,9 @@ Step time is the largest of three bounds, assuming prefetch overlaps I/O with
 compute: compute (traced FLOPs / probed FLOP/s), disk (units read / read
 bandwidth + units written / write bandwidth: streamed units every step,
 resident ones at each commit, averaged over `commit_every` steps) and, on
-CUDA, host-device copies.
+CUDA, host-device copies (units read / H2D bandwidth + units written / D2H
+bandwidth). On CUDA the device's figures come from a CUDA probe, a named GPU's
+published figures (`planner.gpus`) or flags; `Plan.machine_source` says which.
 
 Several ranks (`nproc` W): every figure is per rank, at the per-rank batch. With
 `parallel="replicate"` each rank holds its own full store and streams it as one process would,
@@ -93,6 +95,7 @@ class Plan:
     gather_bytes_per_step: int = 0    # shard: bytes each rank receives gathering the units it reads
     alternatives: list[Alternative] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
+    machine_source: str = ""          # where the device's figures came from ("probe (PATH)", "published figures for h100", ...)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,7 +238,7 @@ def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) ->
         "disk": disk_read / machine.disk_read_bps + write_bytes / machine.disk_write_bps,
     }
     if run.device == "cuda":
-        times["host-device"] = (read_bytes + write_bytes) / machine.h2d_bps
+        times["host-device"] = read_bytes / machine.h2d_bps + write_bytes / machine.d2h_bps
     comm_bytes = gather_bytes = 0
     if run.nproc > 1:
         comm_bytes = 4 * spec.params  # fp32 gradients, all-reduced once per step
@@ -291,7 +294,7 @@ def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) ->
         weights_budget=wbudget, min_weights_budget=floor, nproc=run.nproc, parallel=run.parallel,
         allreduce_bytes_per_step=comm_bytes, gather_bytes_per_step=gather_bytes,
         prefetch_depth=run.prefetch_depth, placement=placement, memory=cats, budget_bytes=budget,
-        suggestion=suggestion, alternatives=alternatives, machine=asdict(machine),
+        suggestion=suggestion, alternatives=alternatives, machine=asdict(machine), machine_source=machine.origin,
     )
 
 
@@ -324,9 +327,15 @@ def largest_fitting(model: ModelSpec | dict[str, Any], run: RunConfig, machine: 
     return best
 
 
+def _figure(x: float) -> str:
+    """Three significant figures, never "0" for a small positive rate: 0.0962, 48.1, 1,234."""
+    return f"{x:,.0f}" if abs(x) >= 100 or x == 0 else f"{x:.3g}"
+
+
 def format_plan(p: Plan) -> str:
     """A readable table: the plan, its categories, and the alternatives beside it."""
     m = p.memory
+    mach = p.machine
     streamed = [u for u, s in p.placement.items() if s == "streamed"]
     lines = [
         f"model      {p.model_type}, {p.params / 1e9:.3g}B params, {p.dtype}, rule {p.rule}",
@@ -334,6 +343,10 @@ def format_plan(p: Plan) -> str:
         + (f", per rank of {p.nproc} ({p.parallel}; figures per rank)" if p.nproc > 1 else ""),
         f"fits       {'yes' if p.fits else 'NO: ' + p.reason}",
         f"budget     {format_size(p.budget_bytes)}",
+        f"machine    {p.machine_source}: {_figure(mach.get('flops_per_s', 0) / 1e12)} TFLOP/s"
+        + (f", H2D {_figure(mach.get('h2d_bps', 0) / 1e9)} / D2H {_figure(mach.get('d2h_bps', 0) / 1e9)} GB/s"
+           if p.device == "cuda" else "")
+        + f", disk read {_figure(mach.get('disk_read_bps', 0) / 1e9)} / write {_figure(mach.get('disk_write_bps', 0) / 1e9)} GB/s",
         "",
         "memory                         bytes",
         f"  framework                    {format_size(m['framework_bytes']):>10}",
@@ -358,7 +371,7 @@ def format_plan(p: Plan) -> str:
         + (f", all-reduce {format_size(p.allreduce_bytes_per_step)}" if p.nproc > 1 else "")
         + (f", gathers {format_size(p.gather_bytes_per_step)}" if p.gather_bytes_per_step else ""),
         "step time  " + ", ".join(f"{k} {v:.3g} s" for k, v in p.times_s.items())
-        + f"  ->  {p.est_step_time_s:.3g} s ({p.bound}-bound), {p.tokens_per_s:,.0f} tokens/s",
+        + f"  ->  {p.est_step_time_s:.3g} s ({p.bound}-bound), {_figure(p.tokens_per_s)} tokens/s",
         "",
         f"{'alternative':<24} {'peak':>10}  fits  note",
     ]

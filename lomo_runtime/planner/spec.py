@@ -201,7 +201,9 @@ class Machine:
     flops_per_s: float = 5.0e10
     """Sustained matmul FLOP/s in the run's dtype on the compute device."""
     h2d_bps: float = 1.2e10
-    """Host-to-device copy bandwidth (CUDA; ~12 GB/s for PCIe 3 x16 pinned)."""
+    """Host-to-device copy bandwidth from pinned memory (CUDA; ~12 GB/s for PCIe 3 x16)."""
+    d2h_bps: float = 1.2e10
+    """Device-to-host copy bandwidth into pinned memory (CUDA)."""
     allreduce_bps: float = 1.2e9
     """All-reduce algorithm bandwidth between ranks (bytes reduced per second)."""
     framework_bytes: int = 390 * 2**20
@@ -209,4 +211,7 @@ class Machine:
     device_framework_bytes: int = 512 * 2**20
     """CUDA context and allocator slack on the device (not in torch's counters)."""
     source: dict[str, str] = field(default_factory=dict)
-    """Where each figure came from ("probe", "default", "flag")."""
+    """Where each figure came from ("probe", "default", "flag", "gpu h100")."""
+    origin: str = "defaults"
+    """Where the compute device's figures came from, in words: "probe (PATH)", "published figures
+    for h100", "flags", "defaults" (nothing measured or given), plus any flags over them."""
