@@ -74,26 +74,36 @@ def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
     ``align_up(nbytes)`` bytes of memory (no over-allocation), zero-filled,
     and unmapped when the last tensor viewing them is freed.
 
-    ``pin=True`` asks for page-locked memory for fast host-to-device copies;
-    it needs CUDA and raises ``UserError`` without it (``torch.empty(...,
-    pin_memory=True)`` raises on CPU-only builds). Pinned buffers over-allocate
-    4 KiB and slice, since the pinned allocator's alignment is not promised.
+    ``pin=True`` asks for page-locked memory for fast host-to-device copies:
+    the same exact-size mmap, registered with ``cudaHostRegister`` (not
+    ``pin_memory=True``, whose caching host allocator rounds each request up
+    to a power of two: a 129 MB pin costs 256 MB, pytorch#150517). It needs
+    CUDA and raises ``UserError`` without it; ``unpin`` unregisters it before
+    it is freed (the staging pool does, when it drops a buffer).
     """
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
     size = align_up(nbytes)
-    if pin:
-        if not torch.cuda.is_available():
-            raise UserError("pinned staging buffers need CUDA; this machine has none (use pin=False)")
-        raw = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=True)
-        skip = (-raw.data_ptr()) % ALIGN
-        return raw[skip : skip + size]
+    if pin and not torch.cuda.is_available():
+        raise UserError("pinned staging buffers need CUDA; this machine has none (use pin=False)")
     if size == 0:
         return torch.empty(0, dtype=torch.uint8)
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     # frombuffer keeps a reference to the mmap object, so the mapping lives as
     # long as any view of the tensor does.
-    return torch.frombuffer(region, dtype=torch.uint8)
+    buf = torch.frombuffer(region, dtype=torch.uint8)
+    if pin:
+        rc = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0))
+        if rc != 0:
+            raise UserError(f"cudaHostRegister of {size} bytes failed (CUDA error {rc}): "
+                            "lower --host-memory-budget, or raise the locked-memory limit (ulimit -l)")
+    return buf
+
+
+def unpin(buf: torch.Tensor) -> None:
+    """Undo ``aligned_empty(pin=True)``'s registration; call it once, before the buffer is freed."""
+    if buf.numel():
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
 
 
 # ---------------------------------------------------------------- statistics

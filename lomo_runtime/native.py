@@ -169,6 +169,8 @@ def stochastic_round_bf16(values: torch.Tensor, seed: int) -> torch.Tensor:
 def adamw_native(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                  lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int) -> bool:
     """Fused in-place AdamW on contiguous fp32 tensors; False if the kernels are unavailable."""
+    if param.device.type != "cpu":
+        return False  # the kernel reads host memory; on a device the rule's PyTorch ops run there
     module = load()
     if module is None or not all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq)):
         return False

@@ -52,6 +52,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint
 from .checkpoint.safetensors_file import DTYPES
+from .device import Device, open_device
 from .dist import COMMIT_RECORD, Parallel, PeerLost, rank_dir, read_commit_record
 from .dist.shard import ShardedStore
 from .errors import DoesNotFit, LomoError, UserError
@@ -66,6 +67,7 @@ from .sizes import format_size, parse_size
 from .lora import LoraAdapters, LoraSettings
 from .skeleton import build_skeleton, unbind
 from .staging import StagingPool
+from .tiers import DeviceTier
 from .store import WorkingStore, dtype_name, layout, tensor_views
 
 STATE_SEP = "::"  # "<param name>::<state key>" names a state tensor in a unit file
@@ -156,7 +158,8 @@ class Runtime(SegmentHooks):
         work_dir: str | os.PathLike,
         memory_budget: str | int | None = None,
         weights_budget: str | int | None = None,
-        device: str = "cpu",
+        host_budget: str | int | None = None,
+        device: "str | Device" = "cpu",
         dtype: torch.dtype = torch.float32,
         prefetch_depth: int = 2,
         io_threads: int = 2,
@@ -177,8 +180,12 @@ class Runtime(SegmentHooks):
         row_updates: bool | None = None,
         parallel: "str | Parallel | None" = None,
     ) -> None:
-        if device != "cpu":
-            raise UserError(f"device {device!r}: only 'cpu' is implemented so far")
+        # A compute device below the host (CUDA; the tests' simulated device): three tiers (tiers.py).
+        # On CPU the host is the device: two tiers, the `Scheduler` alone.
+        self.compute_device: Device | None = open_device(device)
+        if self.compute_device is not None and parallel is not None:
+            raise UserError(f"device {device!r} with parallel=: several ranks on a device are not built yet "
+                            "(NCCL and the device tier are each untested together); run one process per job")
         if not isinstance(commit_every, int) or isinstance(commit_every, bool) or commit_every < 1:
             raise UserError(f"commit_every must be a positive integer, got {commit_every!r}")
         if commit_interval_s is not None and not (math.isfinite(commit_interval_s) and commit_interval_s > 0):
@@ -191,7 +198,7 @@ class Runtime(SegmentHooks):
         self._pass_clock = time.monotonic()  # when the current forward pass (a step, an eval batch) began
         self.model_dir = Path(model_dir)
         self.rule: UpdateRule = rule if rule is not None else SGD()
-        self.device = device
+        self.device = device if isinstance(device, str) else device.name
         self.dtype = dtype
         # With several ranks: the run's directory holds the commit record and one store per rank.
         self.parallel: Parallel | None = Parallel(parallel, device=device) if isinstance(parallel, str) else parallel
@@ -235,9 +242,23 @@ class Runtime(SegmentHooks):
         self.row_updates = self._set_row_updates(row_updates)  # before the budget: the planner counts it
         self.weights_budget = self._resolve_budget(memory_budget, weights_budget, seq_len, batch_size)
         # Capped at the weights budget: freed buffers of one size are dropped before another size overflows it.
-        self.pool = StagingPool(self.weights_budget)
-        self.scheduler = Scheduler(units, self.store, self.pool, self.weights_budget, prefetch_depth, io_threads,
-                                   collective=self._shard, slice_rank=self.parallel.rank if self._shard else 0)
+        # With a device the weights budget caps device memory and the host tier has its own budget.
+        if self.compute_device is None:
+            if host_budget is not None:
+                raise UserError("host_budget (--host-memory-budget) is for a compute device; on CPU the host "
+                                "is the device: use weights_budget or memory_budget")
+            self.host_budget = self.weights_budget
+        else:
+            self.host_budget = None if host_budget is None else parse_size(host_budget, "host_budget")
+        self.pool = StagingPool(self.host_budget, pin=self.compute_device is not None and self.compute_device.pin_host)
+        self.scheduler: Scheduler | DeviceTier = Scheduler(
+            units, self.store, self.pool, self.host_budget, prefetch_depth, io_threads, collective=self._shard,
+            slice_rank=self.parallel.rank if self._shard else 0, bind=self.compute_device is None)
+        self._tier: DeviceTier | None = None
+        if self.compute_device is not None:
+            self._tier = DeviceTier(self.scheduler, self.compute_device, self.weights_budget, prefetch_depth)
+            self.scheduler = self._tier
+            self._to_device(self.model)
         self.scheduler.generation = self._generation
         self.scheduler.on_pressure = self._drop_kept_graphs
         self.segments = self._build_segments()
@@ -255,6 +276,11 @@ class Runtime(SegmentHooks):
         self._clip_coef = 1.0
         self._norms: list[torch.Tensor] = []
         self._failed: str | None = None
+        # On a device: per-parameter "gradient finite" flags, kept on the device and read once at the
+        # end of backward (no host synchronisation per parameter); on CPU each is checked at once.
+        self._finite: torch.Tensor | None = None
+        if self.compute_device is not None:
+            self._finite = torch.ones(len(self._params), dtype=torch.bool, device=self.compute_device.torch_device)
         self._touched = False        # this step's backward changed some unit (a drop must roll back)
         self._kept_pins: list[tuple[Segment, KeptGraph]] = []  # kept graphs whose backward has not run
         self._forwards = 0           # training forwards in the current step (a loss may use several)
@@ -282,6 +308,23 @@ class Runtime(SegmentHooks):
         self.max_grads_alive = 0      # largest number of parameters holding a gradient at once
 
     # ---- construction ----------------------------------------------------------------------
+    def _to_device(self, model: nn.Module) -> None:
+        """Buffers (rotary frequencies, masks) to the device, and inputs moved there on every call,
+        so `rt.model(input_ids=ids)` takes host tensors as it does on CPU."""
+        target = self.compute_device.torch_device
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[name] = buf.to(target)
+
+        def move(value):
+            return value.to(target, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+        def inputs_to_device(module, args, kwargs):
+            return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+        model.register_forward_pre_hook(inputs_to_device, with_kwargs=True)
+
     def _open_store(self, resume: bool) -> WorkingStore:
         manifest = self.work_dir / "manifest.json"
         if resume and manifest.exists():
@@ -701,6 +744,9 @@ class Runtime(SegmentHooks):
                         self._apply(param, info, _scale(grad, coef))
             finally:
                 self.scheduler.release([unit.name])
+        if self._tier is not None:
+            self._tier.settle(unit, self._commit_due)  # copied out now if due; the host tier writes it
+            return
         if unit.dirty:
             unit.settled = True  # its updates of this step are complete: it may now be written and evicted
             # Write now, overlapping the rest of backward, if this step commits or the unit will be
@@ -862,6 +908,9 @@ class Runtime(SegmentHooks):
         self._reductions = []
 
     def _check_finite(self, grad: torch.Tensor, info: _ParamInfo) -> None:
+        if self._finite is not None:  # on a device: a flag on the device, read at the end of backward
+            self._finite[info.index] = torch.isfinite(_dense_part(grad).sum())
+            return
         # One reduction instead of isfinite().all() (a bool tensor, then a second pass: 18x slower,
         # 106 ms against 5.7 ms on the demo's 28M-element embedding). An inf or NaN anywhere makes
         # the sum inf or NaN; so would finite values summing past 3.4e38, a gradient broken anyway.
@@ -891,9 +940,22 @@ class Runtime(SegmentHooks):
     def _mark_updated(self, unit: Unit) -> None:
         """`unit` changed in this step: it is dirty (unwritten) and not settled until its segment ends,
         and a drop of this step must now roll back."""
-        unit.updated = unit.dirty = True
-        unit.settled = False
+        if self._tier is not None:
+            self._tier.mark_updated(unit)  # the device copy is the newer one
+        else:
+            unit.updated = unit.dirty = True
+            unit.settled = False
         self._touched = True
+
+    def _device_gradients_finite(self) -> None:
+        """On a device: read the pass's finite flags once; a non-finite gradient fails the step,
+        naming the first parameter (in model order) that had one."""
+        if self._finite is None or self._failed is not None:
+            return
+        if not bool(self._finite.all()):
+            index = int((~self._finite).nonzero()[0])
+            name = next(info.name for info in self._params.values() if info.index == index)
+            self._failed = f"non-finite gradient for {name}"
 
     # ---- step ----------------------------------------------------------------------------------
     def _two_pass_clipping(self) -> bool:
@@ -975,6 +1037,9 @@ class Runtime(SegmentHooks):
                     kept = None if self.adapters is None else {n: p.grad for n, p in self.adapters.params.items()}
                     scaled.backward(retain_graph=True)
                     self._settle_pass()
+                    self._device_gradients_finite()
+                    if self._failed is not None:
+                        raise _StepFailed(self._failed)
                     if kept is not None:  # the norm pass must not add to the adapters' gradients
                         for n, p in self.adapters.params.items():
                             p.grad = kept[n]
@@ -990,6 +1055,7 @@ class Runtime(SegmentHooks):
                 self._norms = []
                 scaled.backward()
             self._settle_pass()
+            self._device_gradients_finite()
         except _StepFailed:
             return self._drop(self._failed or "non-finite gradient", time.perf_counter() - started)
         except BaseException:
@@ -1026,6 +1092,8 @@ class Runtime(SegmentHooks):
         commit_s = 0.0
         committed = self._commit_due
         # Every update of the step is in; a unit a skipped segment never finished is complete now too.
+        if self._tier is not None:
+            self._tier.settle_all()
         for unit in self.scheduler.units.values():
             unit.settled = True
         try:
@@ -1104,6 +1172,8 @@ class Runtime(SegmentHooks):
 
     def _end_pass(self) -> None:
         self._drop_kept_graphs()
+        if self._finite is not None:
+            self._finite.fill_(True)
         self._drain_reductions()
         self._in_step = False
         self._failed = None
@@ -1164,6 +1234,8 @@ class Runtime(SegmentHooks):
         (and AdamW's) is loaded; its rank, alpha, dropout and targets must match."""
         if self.adapters is not None:
             raise RuntimeError("add_lora() was called already")
+        if self._tier is not None:
+            raise UserError("add_lora(): LoRA adapters on a device are not built yet; train them on CPU")
         if self._in_step:
             raise RuntimeError("add_lora() between steps only")
         # peft reads a base layer's weight shape (GPT-2's Conv1D): give unbound parameters a
@@ -1231,6 +1303,9 @@ class Runtime(SegmentHooks):
         self.scheduler.stats.peak_slice_bytes = self.scheduler.sliced_bytes()
         self.pool.reset_peak()
         reset_peak_rss()
+        if self._tier is not None:
+            self._tier.dev_stats.peak_device_weights_bytes = self._tier.resident_bytes()
+            self.compute_device.reset_peak()
 
     def memory_report(self) -> dict[str, int]:
         """Measured peaks since `reset_peaks`, in the planner's categories where they can be told apart.
@@ -1253,6 +1328,17 @@ class Runtime(SegmentHooks):
         }
         if self._shard:  # of the resident weights, the slices held at rest (the rest: whole units in use)
             report["weights_at_rest_peak_bytes"] = self.scheduler.stats.peak_slice_bytes
+        if self._tier is not None:
+            # Three tiers: the device's peak is what its allocator handed out (CUDA: max_memory_allocated),
+            # weights on the device are the device tier's; the host holds the units' staging buffers
+            # (pinned on CUDA, exact sizes) under the host budget.
+            report.update({
+                "peak_device_bytes": self.compute_device.peak_allocated_bytes(),
+                "weights_resident_peak_bytes": self._tier.dev_stats.peak_device_weights_bytes,
+                "host_units_peak_bytes": self._tier.host.stats.peak_resident_bytes,
+                "pinned_host_bytes": staging if self.pool.pin else 0,
+                "other_bytes": max(0, peak - staging - self.framework_bytes),
+            })
         return report
 
     def close(self, commit: bool = True) -> None:
@@ -1272,6 +1358,7 @@ class Runtime(SegmentHooks):
         finally:
             try:
                 self.scheduler.close()
+                self.pool.trim()  # pinned buffers are unregistered before they go
             finally:
                 self.store.close()
                 if self._owns_parallel:

@@ -36,7 +36,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -113,8 +113,15 @@ class Scheduler:
         io_threads: int = 2,
         collective: bool = False,
         slice_rank: int = 0,
+        bind: bool = True,
     ) -> None:
         self.units = {u.name: u for u in units}
+        # Bind parameters to the host buffers (compute on the host). Under a device tier (tiers.py)
+        # this scheduler is the host tier: the device tier binds parameters to device buffers.
+        self.bind_params = bind
+        # Under a device tier: is this unit held by the device now? Such a unit's host copy is not
+        # needed until the device lets it go, so prefetch skips it and eviction takes it first.
+        self.covered: Callable[[str], bool] | None = None
         # Collective mode (`--parallel shard`: a read all-gathers the unit): every rank must start
         # the same reads in the same order, so no decision may depend on I/O timing. Reads run on
         # one thread, in order; nothing is prefetched or reaped because a future happened to be
@@ -158,6 +165,26 @@ class Scheduler:
         for pos, name in enumerate(self._sequence):
             self._positions.setdefault(name, []).append(pos)
         self._cursor = -1
+
+    def next_use(self, name: str) -> int:
+        """Position of `name`'s next use in the access sequence (past its end: the next pass's)."""
+        return self._next_use(name)
+
+    def upcoming(self) -> Iterator[str]:
+        """The distinct units of the sequence after the cursor, in order of use, wrapping into the
+        next pass (which repeats this one: the next step's forward, the next eval batch)."""
+        seen: set[str] = set()
+        n = len(self._sequence)
+        for pos in range(self._cursor + 1, self._cursor + 1 + n):
+            name = self._sequence[pos % n]
+            if name not in seen:
+                seen.add(name)
+                yield name
+
+    def advance(self, names: Sequence[str]) -> None:
+        """Move the cursor past `names`' uses without acquiring them (a device tier holds them)."""
+        for name in names:
+            self._advance(name)
 
     def _next_use(self, name: str) -> int:
         positions = self._positions.get(name)
@@ -228,15 +255,12 @@ class Scheduler:
     def _window(self) -> set[str]:
         """The units in use next and the `prefetch_depth` after them: the next `prefetch_depth` + 1
         distinct units of the sequence (collective mode keeps them whole, and prefetches no further)."""
-        upcoming: list[str] = []
-        n = len(self._sequence)
-        for pos in range(self._cursor + 1, self._cursor + 1 + n):
-            name = self._sequence[pos % n]
-            if name not in upcoming:
-                upcoming.append(name)
-                if len(upcoming) > self.prefetch_depth:
-                    break
-        return set(upcoming)
+        upcoming: set[str] = set()
+        for name in self.upcoming():
+            upcoming.add(name)
+            if len(upcoming) > self.prefetch_depth:
+                break
+        return upcoming
 
     def _slice_span(self, unit: Unit) -> tuple[int, int]:
         return self.slice_rank * unit.disk_nbytes, unit.disk_nbytes
@@ -266,8 +290,34 @@ class Scheduler:
         if unit.state is UnitState.LOADING:
             self._wait(unit)
             self._finish_load(unit)
-        if not unit.bound:
+        if not unit.bound and self.bind_params:
             self._bind(unit)
+
+    def hold(self, name: str, blank: bool = False) -> torch.Tensor:
+        """Pin `name` in host memory for a device copy and return its buffer, until `unhold`. The
+        cursor does not move and nothing is bound. `blank=True`: the caller overwrites the whole
+        buffer (a device -> host copy of updated bytes), so a unit on disk is not read."""
+        unit = self.units[name]
+        unit.pins += 1
+        try:
+            if blank and unit.state is UnitState.ON_DISK:
+                self._make_room(unit.nbytes, before=self._next_use(name), required=True)
+                if unit.state is UnitState.ON_DISK:
+                    unit.buffer = self.pool.acquire(unit.nbytes)
+                    unit.state = UnitState.RESIDENT
+                    self._note_resident()
+            if blank:
+                self.ensure_writable([name])
+            self._make_resident(unit)
+        except BaseException:
+            unit.pins -= 1
+            raise
+        return unit.buffer
+
+    def unhold(self, name: str) -> None:
+        unit = self.units[name]
+        assert unit.pins > 0, f"unit {name} unheld more often than held"
+        unit.pins -= 1
 
     # ---- loading ---------------------------------------------------------------------------
     def _start_load(self, unit: Unit, required: bool) -> bool:
@@ -333,20 +383,14 @@ class Scheduler:
         if not self.collective:
             self._reap()
         started = 0
-        seen: set[str] = set()
         window = self._window() if self.collective else None
-        n = len(self._sequence)
-        # Past the end of the pass the next one repeats it (the next step's forward, the next eval
-        # batch): its first units are read while this pass's last ones still compute.
-        for pos in range(self._cursor + 1, self._cursor + 1 + n):
+        for name in self.upcoming():
             if started >= self.prefetch_depth:
                 break
-            name = self._sequence[pos % n]
-            if name in seen:
-                continue
-            seen.add(name)
             if window is not None and name not in window:
                 break  # collective mode: only the window is whole; what lies beyond rests as slices
+            if self.covered is not None and self.covered(name):
+                continue  # the device holds it: no host copy needed now
             unit = self.units[name]
             if unit.state not in (UnitState.ON_DISK, UnitState.SLICED):
                 continue
@@ -392,14 +436,18 @@ class Scheduler:
         complete, so the write overlaps compute instead of stalling the load that evicts it."""
         if self.weights_budget is None or self.collective:
             return False  # collective mode: an evicted unit keeps its slice, written at the commit
-        unit = self.units[name]
+        needed = self.needed_before_next_use(name)
+        return self.units[name].nbytes + sum(self.units[u].nbytes for u in needed) > self.weights_budget
+
+    def needed_before_next_use(self, name: str) -> set[str]:
+        """The other units the sequence uses from the cursor until `name`'s next use."""
         horizon = self._next_use(name)
         n = len(self._sequence)
         needed: set[str] = set()
         for pos in range(self._cursor + 1, min(horizon, self._cursor + 1 + n)):
             needed.add(self._sequence[pos % n])
         needed.discard(name)
-        return unit.nbytes + sum(self.units[u].nbytes for u in needed) > self.weights_budget
+        return needed
 
     def _make_room(self, nbytes: int, before: int, required: bool) -> bool:
         """Free budget for `nbytes`; evict only units next used after position `before`.
@@ -412,8 +460,9 @@ class Scheduler:
             return True
         while self._resident_bytes() + nbytes > self.weights_budget:
             candidates = [u for u in self.units.values() if self._evictable(u, allow_dirty=required)]
+            covered = self.covered or (lambda name: False)
             if not required:
-                candidates = [u for u in candidates if self._next_use(u.name) > before]
+                candidates = [u for u in candidates if covered(u.name) or self._next_use(u.name) > before]
                 if not self.collective:  # never block a prefetch (collective mode: timing must not decide)
                     candidates = [u for u in candidates if u.state is UnitState.RESIDENT]
             if not candidates:
@@ -444,7 +493,8 @@ class Scheduler:
                     + (f" beside {', '.join(held)}" if held else "")
                     + f"; raise the budget to at least {format_size(self._resident_bytes() + nbytes, 'up')}"
                 )
-            victim = max(candidates, key=lambda u: self._next_use(u.name))
+            # Belady: the unit used farthest ahead goes; a copy the device tier covers goes first.
+            victim = max(candidates, key=lambda u: (covered(u.name), self._next_use(u.name)))
             self._evict(victim)
         return True
 

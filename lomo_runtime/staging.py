@@ -18,11 +18,12 @@ acquire and release concurrently):
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import torch
 
 from .errors import DoesNotFit, UserError
-from .io import aligned_empty, align_up
+from .io import aligned_empty, align_up, unpin
 from .sizes import format_size
 
 
@@ -46,6 +47,8 @@ class StagingPool:
         self._bytes_in_use = 0
         self._bytes_cached = 0
         self._peak = 0
+        # Called with a buffer being released (a simulated device checks that no copy still uses it).
+        self.on_release: Callable[[torch.Tensor], None] | None = None
         self.allocations = 0
         """How many buffers were actually allocated (not reused); tests check steady state."""
 
@@ -106,6 +109,8 @@ class StagingPool:
         """Return ``buf`` (exactly as ``acquire`` gave it) to the pool's free list."""
         if buf.numel() == 0:
             return
+        if self.on_release is not None:
+            self.on_release(buf)
         with self._lock:
             size = self._in_use.pop(buf.data_ptr(), None)
             if size is None or buf.numel() != size:
@@ -120,6 +125,8 @@ class StagingPool:
         """Free every cached buffer; return the bytes freed."""
         with self._lock:
             freed = self._bytes_cached
+            for bufs in self._free.values():
+                self._drop(bufs)
             self._free.clear()
             self._bytes_cached = 0
             return freed
@@ -138,6 +145,14 @@ class StagingPool:
                 break
             bufs = self._free.pop(cached_size)
             self._bytes_cached -= cached_size * len(bufs)
+            self._drop(bufs)
+
+    def _drop(self, bufs: list[torch.Tensor]) -> None:
+        """Cached buffers leave the pool (a pinned one is unregistered first; the memory goes with the
+        last reference)."""
+        if self.pin:
+            for buf in bufs:
+                unpin(buf)
 
     def __repr__(self) -> str:
         cap = "unbounded" if self.capacity_bytes is None else format_size(self.capacity_bytes)
