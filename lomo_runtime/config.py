@@ -8,6 +8,8 @@ a default. The resolved config is written beside the run's output
 """
 from __future__ import annotations
 
+import re
+
 import dataclasses
 import math
 from dataclasses import dataclass, fields
@@ -45,7 +47,9 @@ class TrainConfig:
     seq_len: int = 256                   # tokens per packed sequence
     batch_size: int = 1                  # sequences per step
     dtype: str = "fp32"                  # training dtype of the weights: fp32 | bf16 | fp16
-    memory_budget: str | None = None     # process RSS (CPU) the run must stay within, e.g. "2GiB"
+    device: str = "cpu"                  # compute device: cpu | cuda | cuda:N
+    memory_budget: str | None = None     # process RSS (CPU) or device memory (cuda) the run must stay within
+    host_memory_budget: str | None = None  # cuda: host memory for units (pinned); default: what fits in RAM
     weights_budget: str | None = None    # cap on resident weight bytes (experts, tests)
     heap_keep: str | None = None         # freed heap kept mapped between units: fewer page faults, more RSS
     heap_trim: str | None = None         # freed heap back twice a step ("step") or after every unit ("unit");
@@ -126,7 +130,11 @@ class TrainConfig:
             raise UserError(f"--parallel must be replicate or shard, got {self.parallel!r}")
         if self.lora_export not in ("merged", "separate"):
             raise UserError(f"--lora-export must be merged or separate, got {self.lora_export!r}")
-        for name in ("memory_budget", "weights_budget", "heap_keep"):
+        if not (self.device in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(self.device))):
+            raise UserError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.host_memory_budget is not None and self.device == "cpu":
+            raise UserError("--host-memory-budget is for --device cuda; on CPU use --memory-budget")
+        for name in ("memory_budget", "weights_budget", "heap_keep", "host_memory_budget"):
             if getattr(self, name) is not None:
                 parse_size(getattr(self, name), f"--{name.replace('_', '-')}")
         if self.warmup_steps > self.steps:

@@ -81,7 +81,8 @@ class CudaDevice:
 
     pin_host = True
 
-    def __init__(self, index: int | None = None) -> None:
+    def __init__(self, index: int | None = None, timing: bool = False) -> None:
+        """`timing`: time every copy with CUDA events (`copy_rates`), for benchmarks."""
         if not torch.cuda.is_available():
             raise UserError("device 'cuda': this machine has no CUDA device (torch.cuda.is_available() is False)")
         self.torch_device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
@@ -89,6 +90,8 @@ class CudaDevice:
         with torch.cuda.device(self.torch_device):
             self.h2d = torch.cuda.Stream()
             self.d2h = torch.cuda.Stream()
+        self.timing = timing
+        self._timed: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int]] = []
 
     def empty(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.torch_device)
@@ -98,10 +101,29 @@ class CudaDevice:
             if isinstance(event, torch.cuda.Event):
                 stream.wait_event(event)
         with torch.cuda.stream(stream):
+            start = None
+            if self.timing:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(stream)
             dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=self.timing)
             event.record(stream)
+        if start is not None:
+            self._timed.append(("h2d" if stream is self.h2d else "d2h", start, event, dst.numel() * dst.element_size()))
         return event
+
+    def copy_rates(self, reset: bool = True) -> dict[str, float]:
+        """Bytes/s of the timed copies per direction (bytes over the copies' own durations)."""
+        totals: dict[str, list[float]] = {}
+        for direction, start, end, nbytes in self._timed:
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+            entry = totals.setdefault(direction, [0.0, 0.0])
+            entry[0] += nbytes
+            entry[1] += seconds
+        if reset:
+            self._timed = []
+        return {d: (b / s if s > 0 else 0.0) for d, (b, s) in totals.items()}
 
     def copy_in(self, dst, src, after=()) -> Event:
         return self._copy(self.h2d, dst, src, after)

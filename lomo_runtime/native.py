@@ -60,6 +60,9 @@ _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
 _INDEX_MUL = 0xD1B54A32D192ED03
 SR_CHUNK = 1 << 16  # elements per pass of the PyTorch version (int64 temporaries: 8 bytes each)
+# On a device: a pass is a dozen kernel launches, so passes are larger (24 B/elem of temporaries:
+# 96 MiB at most), and the inf/NaN fix-up runs unconditionally rather than after a host sync.
+SR_CHUNK_DEVICE = 1 << 22
 
 
 def _as_int64(value: int) -> int:
@@ -121,7 +124,8 @@ def stochastic_round_bf16_torch(values: torch.Tensor, seed: int) -> torch.Tensor
     out = torch.empty(flat.shape, dtype=torch.int16, device=flat.device)
     n = flat.numel()
     seed64 = _as_int64(seed)
-    chunk = min(SR_CHUNK, max(n, 1))
+    on_host = flat.device.type == "cpu"
+    chunk = min(SR_CHUNK if on_host else SR_CHUNK_DEVICE, max(n, 1))
     x = torch.empty(chunk, dtype=torch.int64, device=flat.device)
     tmp = torch.empty(chunk, dtype=torch.int64, device=flat.device)
     for start in range(0, n, chunk):
@@ -129,7 +133,7 @@ def stochastic_round_bf16_torch(values: torch.Tensor, seed: int) -> torch.Tensor
         bits = flat[start:start + count]
         noise = _sr_noise(seed64, start, count, flat.device, x, tmp)
         special = bits.bitwise_and(0x7F800000) == 0x7F800000  # inf or NaN: no noise
-        any_special = bool(special.any())
+        any_special = bool(special.any()) if on_host else True  # the same bits either way
         if any_special:
             noise.masked_fill_(special, 0)
         # Finite fp32 bits + 16-bit noise never overflow int32, so int32 addition is the kernel's uint32 one.

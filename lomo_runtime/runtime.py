@@ -248,8 +248,10 @@ class Runtime(SegmentHooks):
                 raise UserError("host_budget (--host-memory-budget) is for a compute device; on CPU the host "
                                 "is the device: use weights_budget or memory_budget")
             self.host_budget = self.weights_budget
+        elif host_budget is not None:
+            self.host_budget = parse_size(host_budget, "host_budget")
         else:
-            self.host_budget = None if host_budget is None else parse_size(host_budget, "host_budget")
+            self.host_budget = self._default_host_budget(units)
         self.pool = StagingPool(self.host_budget, pin=self.compute_device is not None and self.compute_device.pin_host)
         self.scheduler: Scheduler | DeviceTier = Scheduler(
             units, self.store, self.pool, self.host_budget, prefetch_depth, io_threads, collective=self._shard,
@@ -308,6 +310,16 @@ class Runtime(SegmentHooks):
         self.max_grads_alive = 0      # largest number of parameters holding a gradient at once
 
     # ---- construction ----------------------------------------------------------------------
+    HOST_SHARE = 0.8  # of the RAM available at start, the most the host tier takes by default
+
+    def _default_host_budget(self, units: list[Unit]) -> int | None:
+        """With a device and no host budget: every unit in host memory when they fit in 80% of the
+        RAM available now (None: unbounded), else that 80% (the planner's default says the same)."""
+        import psutil
+
+        allowed = int(self.HOST_SHARE * psutil.virtual_memory().available)
+        return None if sum(u.nbytes for u in units) <= allowed else allowed
+
     def _to_device(self, model: nn.Module) -> None:
         """Buffers (rotary frequencies, masks) to the device, and inputs moved there on every call,
         so `rt.model(input_ids=ids)` takes host tensors as it does on CPU."""

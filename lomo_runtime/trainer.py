@@ -154,6 +154,7 @@ def _train(cfg: TrainConfig, par: Parallel | None) -> TrainResult:
     schedule = LRSchedule(cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     rt = Runtime(
         cfg.model, rule, work_dir=work_dir, memory_budget=cfg.memory_budget, weights_budget=cfg.weights_budget,
+        device=cfg.device, host_budget=cfg.host_memory_budget,
         dtype=cfg.torch_dtype, prefetch_depth=cfg.prefetch_depth, io_threads=cfg.io_threads, resume=cfg.resume,
         seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, master_weights=cfg.master_weights,
         stochastic_rounding=cfg.stochastic_rounding, grad_accumulation=cfg.grad_accum_steps > 1,
@@ -409,11 +410,19 @@ def _write_plan(rt: Runtime, cfg: TrainConfig, out: Path) -> None:
     run = RunConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size, dtype=cfg.dtype, rule=cfg.rule, device=rt.device,
                     memory_budget=parse_size(cfg.memory_budget) if cfg.memory_budget else None,
                     weights_budget=rt.weights_budget, prefetch_depth=cfg.prefetch_depth,
+                    host_budget=rt.host_budget if rt.compute_device is not None else None,
                     master_weights=rt.master_weights, grad_accumulation=rt.grad_accumulation,
                     row_updates=rt.row_updates,
                     heap_keep=rt.heap_keep, commit_every=rt.commit_every,
                     **({} if rt.parallel is None else {"nproc": rt.parallel.world, "parallel": rt.parallel.mode}))
-    predicted = plan(spec, run, load_machine(rt.device, cfg.dtype))
+    device = "cuda" if rt.device.startswith("cuda") else rt.device
+    memory = None
+    if device == "cuda" and cfg.memory_budget is None:  # the plan's budget: the whole device
+        import torch
+
+        memory = torch.cuda.mem_get_info(rt.compute_device.torch_device)[1]
+    run.device = device
+    predicted = plan(spec, run, load_machine(device, cfg.dtype, device_memory=memory))
     tmp = out / "plan.json.tmp"
     tmp.write_text(json.dumps(predicted.to_json(), indent=1))
     os.replace(tmp, out / "plan.json")

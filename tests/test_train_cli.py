@@ -100,6 +100,9 @@ def test_kill_9_then_resume_matches_uninterrupted_run(job: dict[str, Path], tmp_
         (("--memory-budget", "100MiB", "--steps", "1"), 3, "smallest budget that runs this job"),
         (("--rule", "adam"), 2, "--rule"),
         (("--grad-accum-steps", "0"), 2, "--grad-accum-steps"),
+        (("--device", "tpu"), 2, "--device must be cpu, cuda or cuda:N"),
+        (("--host-memory-budget", "1GiB"), 2, "--host-memory-budget is for --device cuda"),
+        *([] if torch.cuda.is_available() else [(("--device", "cuda", "--steps", "1"), 2, "no CUDA device")]),
     ],
 )
 def test_bad_flags_exit_with_clear_message(job: dict[str, Path], tmp_path: Path, extra: tuple[str, ...], code: int, message: str) -> None:

@@ -30,7 +30,9 @@ from ..config import load_yaml, merge
 @click.option("--seq-len", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]))
-@click.option("--memory-budget", help="Memory the process may use, e.g. 2GiB (CPU: resident set size).")
+@click.option("--device", help="Compute device: cpu (default), cuda or cuda:N.")
+@click.option("--memory-budget", help="Memory the process may use, e.g. 2GiB (CPU: resident set size; cuda: device memory).")
+@click.option("--host-memory-budget", help="cuda: host memory for units between uses, pinned (default: what fits in RAM).")
 @click.option("--weights-budget", help="Cap on resident weight bytes, e.g. 160KB.")
 @click.option("--heap-keep", help="Freed heap kept mapped between units, e.g. 256MiB: faster steps, higher RSS (default 0).")
 @click.option("--heap-trim", type=click.Choice(["step", "unit"]),

@@ -220,7 +220,10 @@ def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) ->
         # else depth+1 buffers of the largest unit (reads ahead plus one write-back).
         largest_unit = max(u.nbytes for u in spec.units)
         host_all = machine.framework_bytes + total
-        host_staging = total if host_all <= machine.host_memory_bytes else (run.prefetch_depth + 1) * largest_unit
+        if run.host_budget is not None:  # the host pool may fill up to its budget (pinned, exact sizes)
+            host_staging = min(total, run.host_budget)
+        else:
+            host_staging = total if host_all <= machine.host_memory_bytes else (run.prefetch_depth + 1) * largest_unit
         peak_host = machine.framework_bytes + host_staging
     cats.update(staging_bytes=host_staging, weights_resident_bytes=res.peak_resident_bytes,
                 device_weights_bytes=weights_dev if run.device == "cuda" else 0)
@@ -231,8 +234,10 @@ def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) ->
     resident_bytes = sum(u.nbytes for u in spec.units if u.name in res.resident_units)
     write_bytes = (total - resident_bytes) + -(-resident_bytes // max(1, run.commit_every))
     disk_read = read_bytes
-    if run.device == "cuda" and host_staging >= total:
-        disk_read = 0  # misses are served from host memory
+    if run.device == "cuda":
+        # Device misses are served from host memory; what the host tier cannot hold is read from
+        # the store (the host tier replays the same Belady order under its own budget).
+        disk_read = 0 if host_staging >= total else simulate(spec, max(host_staging, floor), run.prefetch_depth).read_bytes_per_step[-1]
     times = {
         "compute": cats["step_flops"] / machine.flops_per_s,
         "disk": disk_read / machine.disk_read_bps + write_bytes / machine.disk_write_bps,

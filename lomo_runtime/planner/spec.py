@@ -149,6 +149,9 @@ class RunConfig:
     """Device memory to plan for (on CPU: the process's resident memory); None: the machine's."""
     weights_budget: int | None = None
     """Cap on resident weight bytes, overriding what the memory budget would allow."""
+    host_budget: int | None = None
+    """cuda: host memory for units between device uses (`--host-memory-budget`, pinned); None: every
+    unit when the model fits in RAM, else a few staging buffers."""
     prefetch_depth: int = 2
     """Units the scheduler reads ahead (the runtime's default)."""
     master_weights: bool = False
