@@ -63,6 +63,7 @@ class TrainConfig:
     export_every: int = 0                # also export OUT/checkpoint-<step>/ every N steps (0: never)
     prefetch_depth: int = 2              # units read ahead of use
     io_threads: int = 2
+    io_engine: str = "posix"             # how unit files move: posix (O_DIRECT) | aio (DeepSpeed async I/O, libaio)
     threads: int | None = None           # torch intra-op threads (default: torch's choice)
     max_dropped_steps: int = 5           # stop after this many consecutive dropped (non-finite) steps
     commit_every: int = 10               # make the step durable every N steps (and at the end, exports, exit)
@@ -126,6 +127,8 @@ class TrainConfig:
                 raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         elif self.lora_only:
             raise UserError("--lora-only needs --lora-rank")
+        if self.io_engine not in ("posix", "aio"):
+            raise UserError(f"--io-engine must be posix or aio, got {self.io_engine!r}")
         if self.parallel not in (None, "replicate", "shard"):
             raise UserError(f"--parallel must be replicate or shard, got {self.parallel!r}")
         if self.lora_export not in ("merged", "separate"):

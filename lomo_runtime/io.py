@@ -17,9 +17,10 @@ Invariants:
 - Writes are durable when ``write_file`` returns (fsync). They are not atomic:
   the store gets atomicity from fresh file names plus a manifest rename.
 
-Backends: ``PosixIO`` (this module's functions) is the only one implemented.
-``register_backend``/``get_backend`` leave room for a DeepSpeed async-I/O
-backend with the same two methods; it must align every request the same way.
+Backends: ``PosixIO`` (this module's functions), and ``lomo_runtime.aio.AioIO``
+(DeepSpeed's async I/O, ``--io-engine aio``), registered as ``get_backend("aio")``
+once ``lomo_runtime.aio.open_engine`` has loaded it; it aligns every request the
+same way and hands what it cannot align to this module.
 
 Measured on this machine (reference/machine.md): O_DIRECT ``preadv`` into an
 aligned torch buffer 1.25-1.34 GB/s, buffered cold reads 0.7-1.3 GB/s,
@@ -119,6 +120,9 @@ class _Counters:
     reads: int = 0
     writes: int = 0
     direct_fallbacks: int = 0
+    aio_read_bytes: int = 0
+    aio_write_bytes: int = 0
+    aio_fallbacks: int = 0
 
     def add(self, **deltas: int) -> None:
         with self.lock:
@@ -135,13 +139,18 @@ _STAT_KEYS = (
     "reads",
     "writes",
     "direct_fallbacks",
+    "aio_read_bytes",
+    "aio_write_bytes",
+    "aio_fallbacks",
 )
 
 
 def io_stats() -> dict[str, int]:
     """Totals since start (or the last ``reset_io_stats``): bytes read and written, how many
     of them went through O_DIRECT, call counts, and ``direct_fallbacks`` (direct was asked
-    for but the filesystem, the alignment or the buffer forced the buffered path)."""
+    for but the filesystem, the alignment or the buffer forced the buffered path). With the
+    aio engine (``lomo_runtime.aio``): the bytes it moved (counted in the totals and the direct
+    bytes too) and ``aio_fallbacks``, the requests it handed to this module's path whole."""
     with _STATS.lock:
         return {key: getattr(_STATS, key) for key in _STAT_KEYS}
 
@@ -553,9 +562,9 @@ def write_file(path: PathOrFd, buf: torch.Tensor, nbytes: int, direct: bool = Tr
 
 
 class IOBackend(Protocol):
-    """What the store and scheduler need from an I/O engine. A DeepSpeed async-I/O
-    backend would implement these two calls (with explicit submit/wait later), aligning
-    every request as ``PosixIO`` does and verifying byte counts itself."""
+    """What the store and scheduler need from an I/O engine: these two calls, every request
+    aligned as ``PosixIO`` aligns it. ``silent_failures`` (optional, default False): the engine
+    may report success on a failed request, so its reads must always be checksummed."""
 
     def read_into(self, path_or_fd: PathOrFd, offset: int, buf: torch.Tensor, nbytes: int, direct: bool = True) -> int: ...
 
@@ -564,6 +573,8 @@ class IOBackend(Protocol):
 
 class PosixIO:
     """The default backend: ``os.preadv``/``os.pwritev`` with O_DIRECT where aligned."""
+
+    silent_failures = False  # every syscall's result is checked
 
     def read_into(self, path_or_fd: PathOrFd, offset: int, buf: torch.Tensor, nbytes: int, direct: bool = True) -> int:
         return read_into(path_or_fd, offset, buf, nbytes, direct)
@@ -576,7 +587,7 @@ _BACKENDS: dict[str, IOBackend] = {"posix": PosixIO()}
 
 
 def register_backend(name: str, backend: IOBackend) -> None:
-    """Make ``backend`` available as ``get_backend(name)`` (e.g. a future "deepspeed-aio")."""
+    """Make ``backend`` available as ``get_backend(name)`` ("aio": ``lomo_runtime.aio.open_engine``)."""
     _BACKENDS[name] = backend
 
 

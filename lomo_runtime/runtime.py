@@ -50,6 +50,7 @@ from typing import Any, Iterator, TextIO
 import torch
 from torch import nn
 
+from .aio import open_engine
 from .checkpoint import Checkpoint
 from .checkpoint.safetensors_file import DTYPES
 from .device import Device, open_device
@@ -179,6 +180,7 @@ class Runtime(SegmentHooks):
         progress_stream: TextIO | None = None,
         row_updates: bool | None = None,
         parallel: "str | Parallel | None" = None,
+        io_engine: str = "posix",
     ) -> None:
         # A compute device below the host (CUDA; the tests' simulated device): three tiers (tiers.py).
         # On CPU the host is the device: two tiers, the `Scheduler` alone.
@@ -192,6 +194,11 @@ class Runtime(SegmentHooks):
             raise UserError(f"commit_interval_s must be a positive number of seconds, got {commit_interval_s!r}")
         self.commit_every = commit_every
         self.commit_interval_s = commit_interval_s
+        # How unit files move (aio.py): "posix" (O_DIRECT preadv/pwritev) or "aio" (DeepSpeed's async
+        # I/O; loaded, or built the first time, here: before any store work, so a machine that cannot
+        # build it fails at once with one line).
+        self.io_engine = io_engine
+        self.io = open_engine(io_engine, progress_stream)
         # Long work (creating the store, exporting, a step of minutes) reports here; None: silent.
         self.progress_stream = progress_stream
         self._unit_clock = 0.0  # when the last in-step progress line was printed
@@ -340,7 +347,7 @@ class Runtime(SegmentHooks):
     def _open_store(self, resume: bool) -> WorkingStore:
         manifest = self.work_dir / "manifest.json"
         if resume and manifest.exists():
-            store = WorkingStore.open(self.work_dir)
+            store = WorkingStore.open(self.work_dir, io=self.io)
             try:
                 self._check_resume(store)
             except BaseException:
@@ -361,7 +368,8 @@ class Runtime(SegmentHooks):
         total = sum(math.prod(self.checkpoint.tensors[self.checkpoint.resolve(t)].entry.shape)
                     for u in self.checkpoint.units for t in u.tensor_names) * dtype.itemsize
         with self._work_progress("creating working store", total) as shown:
-            return WorkingStore.create(self.work_dir, units, self._store_meta(), on_unit=self._unit_progress(shown, units))
+            return WorkingStore.create(self.work_dir, units, self._store_meta(), on_unit=self._unit_progress(shown, units),
+                                       io=self.io)
 
     def _store_meta(self) -> dict[str, Any]:
         """What a new store records about its run: source, config, dtype, rule, master weights."""
@@ -403,7 +411,7 @@ class Runtime(SegmentHooks):
             if record is not None:
                 if not (self.work_dir / "manifest.json").exists():
                     raise UserError(f"rank {par.rank}: {self.work_dir} holds no working store to resume from")
-                store = WorkingStore.open(self.work_dir, committed_step=int(record["step"]))
+                store = WorkingStore.open(self.work_dir, committed_step=int(record["step"]), io=self.io)
                 if par.mode == "shard":
                     store = ShardedStore(store, par)
                 self._check_resume(store)
@@ -445,7 +453,7 @@ class Runtime(SegmentHooks):
             units.append((unit.name, weights + states))
         with self._work_progress("creating working store (this rank's slices)") as shown:
             return ShardedStore.create(self.work_dir, units, self._store_meta(), self.parallel,
-                                       on_unit=self._unit_progress(shown, units))
+                                       on_unit=self._unit_progress(shown, units), io=self.io)
 
     def _work_progress(self, label: str, total: int | None = None) -> WorkProgress:
         """A byte-progress display on `progress_stream` (a silent one without a stream)."""

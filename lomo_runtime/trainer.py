@@ -159,7 +159,7 @@ def _train(cfg: TrainConfig, par: Parallel | None) -> TrainResult:
         seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, master_weights=cfg.master_weights,
         stochastic_rounding=cfg.stochastic_rounding, grad_accumulation=cfg.grad_accum_steps > 1,
         checkpoint=checkpoint, heap_keep=cfg.heap_keep or 0, heap_trim=cfg.heap_trim, commit_every=cfg.commit_every,
-        progress_stream=sys.stderr if main else None, parallel=par,
+        progress_stream=sys.stderr if main else None, parallel=par, io_engine=cfg.io_engine,
         commit_interval_s=parse_duration(cfg.commit_interval, "--commit-interval") if cfg.commit_interval else None,
     )
     with rt:

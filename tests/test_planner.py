@@ -377,3 +377,23 @@ def test_probe_cuda_without_cuda_exits_2_in_one_line(tmp_path, capsys):
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert "sees no CUDA device" in err and "Traceback" not in err
     assert not (tmp_path / "scratch").exists()  # refused before measuring anything
+
+
+def test_plan_cuda_three_tiers_disk_sees_only_what_neither_tier_holds(capsys):
+    """--device cuda with a device budget below the weights: every unit in host memory (no host
+    budget) means no disk reads and disk writes only at commits (total / commit_every); a host
+    budget below the weights brings disk reads and per-step writes; the host-device traffic is the
+    same either way (the device's misses)."""
+    job = (*CUDA_JOB, "--gpu", "h200", "--weights-budget", "4GiB", "--commit-every", "10",
+           "--disk-read-bw", "1e9", "--disk-write-bw", "1e9")
+    code, out, _ = _cli(capsys, *job)
+    assert code == 0
+    all_host = json.loads(out)
+    total = all_host["nvme_bytes"] // 2  # the committed generation and the one being written
+    code, out, _ = _cli(capsys, *job, "--host-memory-budget", "4GiB")
+    assert code == 0
+    some_host = json.loads(out)
+    assert all_host["times_s"]["host-device"] == some_host["times_s"]["host-device"] > 0
+    assert some_host["times_s"]["disk"] > 5 * all_host["times_s"]["disk"]
+    assert some_host["peak_host_bytes"] < all_host["peak_host_bytes"]
+    assert all_host["times_s"]["disk"] == pytest.approx(-(-total // 10) / 1e9, rel=0.01)

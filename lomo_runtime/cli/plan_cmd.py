@@ -30,6 +30,8 @@ def _size(value: str | None, what: str) -> int | None:
 @click.option("--weights-budget", help="Cap on resident weight bytes (experts, tests).")
 @click.option("--heap-keep", help="Freed heap the runtime keeps mapped (train --heap-keep), e.g. 256MiB.")
 @click.option("--host-memory", help="Host RAM (default: this machine's).")
+@click.option("--host-memory-budget", help="cuda: host memory for units between device uses (train's flag); "
+                                           "default: every unit if they fit in RAM.")
 @click.option("--offload-dir", default=None, type=click.Path(), help="Where the working store goes (free space is checked).")
 @click.option("--prefetch-depth", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--gpu", type=click.Choice(sorted(GPUS)), default=None,
@@ -51,7 +53,7 @@ def _size(value: str | None, what: str) -> int | None:
 @click.option("--max-seq-len", is_flag=True, help="Search the longest sequence that fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan_command(model_dir, seq_len, batch_size, device, dtype, rule, memory_budget, weights_budget, heap_keep, host_memory,
-                 offload_dir, prefetch_depth, gpu, flops, disk_read_bw, disk_write_bw, pcie_bandwidth, commit_every, nproc,
+                 host_memory_budget, offload_dir, prefetch_depth, gpu, flops, disk_read_bw, disk_write_bw, pcie_bandwidth, commit_every, nproc,
                  parallel, allreduce_bw, max_batch_size, max_seq_len, as_json) -> None:
     """Predict peak memory, I/O and step time of a training job, and whether it fits.
 
@@ -62,6 +64,8 @@ def plan_command(model_dir, seq_len, batch_size, device, dtype, rule, memory_bud
         raise click.UsageError("--max-batch-size and --max-seq-len: choose one")
     if gpu is not None and device != "cuda":
         raise click.UsageError("--gpu needs --device cuda")
+    if host_memory_budget is not None and device != "cuda":
+        raise click.UsageError("--host-memory-budget needs --device cuda")
     config = load_config(model_dir)
     budget = _size(memory_budget, "--memory-budget")
     machine = load_machine(device, dtype, nvme_dir=offload_dir, host_memory=_size(host_memory, "--host-memory"),
@@ -71,7 +75,8 @@ def plan_command(model_dir, seq_len, batch_size, device, dtype, rule, memory_bud
     run = RunConfig(seq_len=seq_len, batch_size=batch_size, dtype=dtype, rule=rule, device=device,
                     memory_budget=budget, weights_budget=_size(weights_budget, "--weights-budget"),
                     prefetch_depth=prefetch_depth, heap_keep=_size(heap_keep, "--heap-keep") or 0,
-                    nproc=nproc, parallel=parallel, commit_every=commit_every)
+                    nproc=nproc, parallel=parallel, commit_every=commit_every,
+                    host_budget=_size(host_memory_budget, "--host-memory-budget"))
     if max_batch_size or max_seq_len:
         result = largest_fitting(config, run, machine, "batch_size" if max_batch_size else "seq_len")
     else:

@@ -46,6 +46,9 @@ from ..config import load_yaml, merge
 @click.option("--eval-batches", type=int)
 @click.option("--export-every", type=int)
 @click.option("--prefetch-depth", type=int)
+@click.option("--io-engine", type=click.Choice(["posix", "aio"]),
+              help="How unit files move: posix (O_DIRECT, the default) or aio (DeepSpeed async I/O; needs "
+                   "libaio-dev, built on first use in several minutes).")
 @click.option("--threads", type=int, help="torch intra-op threads.")
 @click.option("--max-dropped-steps", type=int, help="Stop after this many consecutive non-finite steps (default 5).")
 @click.option("--commit-every", type=int, help="Make the run durable every N steps (default 10; 1: every step).")

@@ -62,7 +62,7 @@ class ShardedStore:
     # ---- creation ---------------------------------------------------------------------------
     @staticmethod
     def create(work_dir: Path, units: Sequence[tuple[str, Sequence[tuple[str, str, tuple[int, ...], Callable]]]],
-               meta: Mapping[str, Any], parallel, on_unit=None) -> "ShardedStore":
+               meta: Mapping[str, Any], parallel, on_unit=None, io=None) -> "ShardedStore":
         """Create rank `parallel.rank`'s slice store. `units`: (unit, [(tensor, dtype string, shape,
         loader)]), the whole layout of every unit (state tensors included; a loader returns the
         tensor's initial value)."""
@@ -83,7 +83,7 @@ class ShardedStore:
                  "units": {name: {"nbytes": nbytes, "tensors": [t.to_json() for t in slots]}
                            for name, (slots, nbytes) in layouts.items()}}
         sources = [(name, [(SLICE, slice_loader(name, tensors))]) for name, tensors in units]
-        inner = WorkingStore.create(work_dir, sources, {**meta, "shard": shard}, on_unit=on_unit)
+        inner = WorkingStore.create(work_dir, sources, {**meta, "shard": shard}, on_unit=on_unit, io=io)
         return ShardedStore(inner, parallel)
 
     # ---- the WorkingStore interface -----------------------------------------------------------

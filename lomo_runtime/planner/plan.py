@@ -231,19 +231,27 @@ def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) ->
     read_bytes = res.read_bytes_per_step[-1]
     # A streamed unit is written whenever it leaves memory updated: every step. A resident one
     # only at a commit: 1/commit_every of the steps, averaged.
-    resident_bytes = sum(u.nbytes for u in spec.units if u.name in res.resident_units)
-    write_bytes = (total - resident_bytes) + -(-resident_bytes // max(1, run.commit_every))
+    def written(resident_units: set[str]) -> int:
+        resident = sum(u.nbytes for u in spec.units if u.name in resident_units)
+        return (total - resident) + -(-resident // max(1, run.commit_every))
+
+    write_bytes = written(res.resident_units)
     disk_read = read_bytes
     if run.device == "cuda":
-        # Device misses are served from host memory; what the host tier cannot hold is read from
-        # the store (the host tier replays the same Belady order under its own budget).
-        disk_read = 0 if host_staging >= total else simulate(spec, max(host_staging, floor), run.prefetch_depth).read_bytes_per_step[-1]
+        # Three tiers: device misses are copied from host memory (H2D) and updated units leaving
+        # the device are copied back (D2H); the disk sees only what neither tier holds: the host
+        # tier evicts copies of units the device holds first (tiers.py), so the two budgets act
+        # as one cache of their sum, replayed with the same Belady order, plus the commits.
+        host = res if host_staging >= total else simulate(spec, max(host_staging + wbudget, floor), run.prefetch_depth)
+        h2d_bytes, d2h_bytes = read_bytes, write_bytes
+        disk_read = 0 if host_staging >= total else host.read_bytes_per_step[-1]
+        write_bytes = written(set(u.name for u in spec.units) if host_staging >= total else host.resident_units)
     times = {
         "compute": cats["step_flops"] / machine.flops_per_s,
         "disk": disk_read / machine.disk_read_bps + write_bytes / machine.disk_write_bps,
     }
     if run.device == "cuda":
-        times["host-device"] = read_bytes / machine.h2d_bps + write_bytes / machine.d2h_bps
+        times["host-device"] = h2d_bytes / machine.h2d_bps + d2h_bytes / machine.d2h_bps
     comm_bytes = gather_bytes = 0
     if run.nproc > 1:
         comm_bytes = 4 * spec.params  # fp32 gradients, all-reduced once per step
