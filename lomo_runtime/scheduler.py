@@ -100,6 +100,21 @@ class SchedulerStats:
         return self.read_waits_s + self.write_waits_s
 
 
+def bind_views(unit: Unit, buffer: torch.Tensor) -> None:
+    """Point `unit`'s parameters and rule state at views of `buffer` (its bytes, in the store's layout)."""
+    for param, dtype, shape, offset, nbytes in unit.params:
+        bind(param, buffer[offset:offset + nbytes].view(dtype).view(shape))
+    for state, key, dtype, shape, offset, nbytes in unit.states:
+        state[key] = buffer[offset:offset + nbytes].view(dtype).view(shape)
+
+
+def unbind_views(unit: Unit) -> None:
+    for param, *_ in unit.params:
+        unbind(param)
+    for state, key, *_ in unit.states:
+        state.pop(key, None)
+
+
 class Scheduler:
     """Residency, prefetch and eviction of units under a weights budget."""
 
@@ -365,17 +380,11 @@ class Scheduler:
 
     def _bind(self, unit: Unit) -> None:
         assert unit.buffer is not None
-        for param, dtype, shape, offset, nbytes in unit.params:
-            bind(param, unit.buffer[offset:offset + nbytes].view(dtype).view(shape))
-        for state, key, dtype, shape, offset, nbytes in unit.states:
-            state[key] = unit.buffer[offset:offset + nbytes].view(dtype).view(shape)
+        bind_views(unit, unit.buffer)
         unit.bound = True
 
     def _unbind(self, unit: Unit) -> None:
-        for param, *_ in unit.params:
-            unbind(param)
-        for state, key, *_ in unit.states:
-            state.pop(key, None)
+        unbind_views(unit)
         unit.bound = False
 
     def prefetch(self) -> None:

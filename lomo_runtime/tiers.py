@@ -50,9 +50,8 @@ import torch
 from .device import Device, Event
 from .errors import DoesNotFit
 from .io import align_up
-from .scheduler import Scheduler, Unit, UnitState
+from .scheduler import Scheduler, Unit, UnitState, bind_views, unbind_views
 from .sizes import format_size
-from .skeleton import bind, unbind
 
 
 class DevState(enum.Enum):
@@ -430,20 +429,11 @@ class DeviceTier:
         slot.state = DevState.ABSENT
 
     def _bind(self, name: str) -> None:
-        unit, slot = self.units[name], self.slots[name]
-        buf = slot.buffer
-        for param, dtype, shape, offset, nbytes in unit.params:
-            bind(param, buf[offset:offset + nbytes].view(dtype).view(shape))
-        for state, key, dtype, shape, offset, nbytes in unit.states:
-            state[key] = buf[offset:offset + nbytes].view(dtype).view(shape)
-        slot.bound = True
+        bind_views(self.units[name], self.slots[name].buffer)
+        self.slots[name].bound = True
 
     def _unbind(self, name: str) -> None:
-        unit = self.units[name]
-        for param, *_ in unit.params:
-            unbind(param)
-        for state, key, *_ in unit.states:
-            state.pop(key, None)
+        unbind_views(self.units[name])
         self.slots[name].bound = False
 
     def _host_pressure(self) -> bool:
