@@ -166,6 +166,12 @@ def load_op(progress: TextIO | None = None) -> Any:
             lines = [line for line in str(e).splitlines() if line.strip()]
             raise UserError(f"--io-engine aio: building DeepSpeed async I/O failed: "
                             f"{lines[-1] if lines else type(e).__name__}") from None
+        # DeepSpeed logs a warning about SSD write endurance on a process's first aio write. The
+        # store writes the same bytes through either engine, so say nothing here that posix doesn't:
+        # the flag it checks is the one it sets after warning once.
+        import deepspeed.utils
+
+        deepspeed.utils._deepspeed_nvme_write_warning_emitted = True
         return _MODULE
 
 

@@ -141,8 +141,11 @@ def _train(cfg: TrainConfig, par: Parallel | None) -> TrainResult:
     if par is not None:
         par.same_everywhere(cfg.to_yaml(), "the settings")
 
+    from .aio import open_engine
     from .checkpoint import Checkpoint
 
+    # --io-engine aio: say at once when it cannot build here, and build it (minutes, once) before data work.
+    open_engine(cfg.io_engine, sys.stderr if main else None)
     checkpoint = Checkpoint.open(cfg.model)  # validate weights before any data work
     tokenizer = load_tokenizer(cfg.model)  # one tokenizer for training data and multiple-choice eval
     train_batches, eval_batches = build_data(cfg, checkpoint.arch.max_positions(checkpoint.config), tokenizer,
