@@ -302,6 +302,42 @@ class _Layout:
     buffers: frozenset[str]             # persistent buffers the model's own state dict has
     embed_weight: str
     dims: ModelDims
+    conversion: "Conversion | None" = None  # how transformers renames and merges this family's file tensors
+
+
+class Conversion:
+    """transformers' own renaming and merging of a family's file tensors into its model's
+    (`conversion_mapping.get_model_conversion_mapping`: GPT-NeoX's `embed_out` is `lm_head`,
+    Mixtral's and Qwen3-MoE's per-expert matrices are one 3-D tensor per layer). lomo-run applies
+    the same transforms with transformers' functions, so the store holds the model's tensors."""
+
+    def __init__(self, model) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        transforms = get_model_conversion_mapping(model)
+        self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self.prefix = getattr(model, "base_model_prefix", None)
+        self.model_keys = dict.fromkeys(model.state_dict())  # only membership is asked
+
+    def rename(self, file_name: str) -> tuple[str, str | None]:
+        """(the model's name for a file tensor, the converter source pattern that matched it or None)."""
+        from transformers.core_model_loading import rename_source_key
+
+        return rename_source_key(file_name, self.renamings, self.converters, self.prefix, self.model_keys)
+
+    def converter(self, pattern: str):
+        return next(c for c in self.converters if pattern in c.source_patterns)
+
+    def merge(self, target: str, sources: dict[str, list]) -> "Any":
+        """The model tensor `target` from its file tensors: {source pattern: tensors in file order}."""
+        converter = self.converter(next(iter(sources)))
+        values: Any = {p: list(sources[p]) for p in converter.source_patterns if p in sources}
+        for op in converter.operations:
+            values = op.convert(values, converter.source_patterns, converter.target_patterns, full_layer_name=target)
+        (tensor,) = values.values()
+        return tensor
 
 
 class DerivedArchitecture:
@@ -385,6 +421,10 @@ class DerivedArchitecture:
     def canonical_name(self, tensor_name: str) -> str:
         return tensor_name
 
+    def conversion(self, config: Mapping[str, Any]) -> Conversion | None:
+        """transformers' transforms of this family's file tensors, where it has any that matter."""
+        return self._layout(config).conversion
+
 
 def _derive_layout(model_type: str, config: Mapping[str, Any], path: str | Path) -> _Layout:
     import torch
@@ -451,9 +491,13 @@ def _derive_layout(model_type: str, config: Mapping[str, Any], path: str | Path)
         head_dim=int(getattr(hf, "head_dim", None) or (hidden // heads if heads else 0)),
         intermediate_size=int(getattr(hf, "intermediate_size", None) or 4 * hidden),
         max_positions=max_pos, tied=bool(tied))
+    try:
+        conversion = Conversion(model)
+    except Exception:  # an older transformers without conversion mappings: file names are the model's
+        conversion = None
     return _Layout(embed_modules=embed_modules, block_modules=f"{prefix}{list_name}", num_layers=len(layers),
                    head_modules=tuple(head_modules), shapes=shapes, tied=tied, buffers=buffers,
-                   embed_weight=embed_weight, dims=dims)
+                   embed_weight=embed_weight, dims=dims, conversion=conversion)
 
 
 _DERIVED: dict[str, DerivedArchitecture] = {}

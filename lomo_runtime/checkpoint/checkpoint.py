@@ -17,6 +17,7 @@ Nothing here writes to the directory: the user's input is never modified.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,17 @@ class TensorLocation:
 
     path: Path
     entry: TensorEntry
+
+
+@dataclass(frozen=True)
+class MergedLocation:
+    """A model tensor that transformers builds from several file tensors (Mixtral's per-expert
+    matrices, stacked and concatenated into one 3-D tensor per layer): its sources in file order,
+    and an `entry` describing the merged tensor (the model's name, dtype, shape and bytes)."""
+
+    path: Path                                   # the first source's file, for messages
+    entry: TensorEntry
+    sources: dict[str, list[TensorLocation]]     # converter source pattern -> file tensors
 
 
 @dataclass(frozen=True)
@@ -112,7 +124,8 @@ class Checkpoint:
 
     def __init__(
         self, model_dir: Path, config: dict[str, Any], arch: Architecture,
-        tensors: dict[str, TensorLocation], units: list[UnitSpec], files: list[Path],
+        tensors: dict[str, TensorLocation | MergedLocation], units: list[UnitSpec], files: list[Path],
+        conversion: Any = None,
     ) -> None:
         self.dir = model_dir
         self.config = config
@@ -120,6 +133,7 @@ class Checkpoint:
         self.tensors = tensors
         self.units = units
         self.files = files
+        self.conversion = conversion  # architectures.Conversion where transformers renames or merges file tensors
 
     @classmethod
     def open(cls, model_dir: str | os.PathLike[str]) -> "Checkpoint":
@@ -133,8 +147,12 @@ class Checkpoint:
         expected = arch.expected_shapes(config)
         tied_alias = arch.tied_pairs(config)
         files, weight_map, listing = _weight_files(model_dir)
+        # Families whose file tensors transformers renames or merges when loading (GPT-NeoX, MoE):
+        # the same transforms, by transformers' own functions (architectures.Conversion).
+        conversion = arch.conversion(config) if hasattr(arch, "conversion") else None
+        merged: dict[str, dict[str, list[TensorLocation]]] = {}
 
-        found: dict[str, TensorLocation] = {}
+        found: dict[str, TensorLocation | MergedLocation] = {}
         on_disk: dict[str, TensorEntry] = {}  # every tensor as the files name it, buffers included
         for path in files:
             header = read_header(path)
@@ -145,8 +163,15 @@ class Checkpoint:
                     if weight_map.get(name) != path.name:
                         raise UserError(f"{path}: tensor '{name}': not mapped to this shard by {INDEX_NAME}")
             for name, entry in header.items():
-                canonical = arch.canonical_name(name)
+                pattern = None
+                if conversion is not None and not arch.is_buffer(name):
+                    canonical, pattern = conversion.rename(name)
+                else:
+                    canonical = arch.canonical_name(name)
                 if arch.is_buffer(canonical):
+                    continue
+                if pattern is not None:  # one of several file tensors transformers merges into `canonical`
+                    merged.setdefault(canonical, {}).setdefault(pattern, []).append(TensorLocation(path, entry))
                     continue
                 if canonical in found:
                     other = found[canonical]
@@ -159,6 +184,8 @@ class Checkpoint:
             for name, shard in weight_map.items():
                 if name not in on_disk:
                     raise UserError(f"{model_dir / shard}: tensor '{name}': listed in {INDEX_NAME} but not in the shard")
+        for target, sources in merged.items():
+            found[target] = _merged_location(target, sources, conversion)
 
         for alias, target in tied_alias.items():
             loc = found.pop(alias, None)
@@ -176,8 +203,7 @@ class Checkpoint:
             raise UserError(
                 f"{unexpected[0].path}: tensor '{unexpected[0].entry.name}' is not one the {arch.name} model of "
                 f"{config_path} has, and its '{missing[0]}' is not in the files: the weights are not this "
-                "config's, or transformers converts this family's checkpoints when loading them (per-expert "
-                "MoE weights, GPT-NeoX's embed_out), which lomo-run does not do yet")
+                "config's, or they are in a layout this transformers cannot convert to its model's")
         for name, shape in expected.items():
             loc = found.get(name)
             if loc is None:
@@ -197,7 +223,7 @@ class Checkpoint:
         by_name = {u.name: u for u in units}
         for name in tensors:
             by_name[arch.unit_of(name, config)].tensor_names.append(name)
-        return cls(model_dir, config, arch, tensors, units, files)
+        return cls(model_dir, config, arch, tensors, units, files, conversion)
 
     def resolve(self, name: str) -> str:
         """The canonical name for `name` (tied aliases and alternative spellings resolved); `KeyError` if unknown."""
@@ -210,6 +236,9 @@ class Checkpoint:
     def read_tensor(self, name: str) -> torch.Tensor:
         """Read tensor `name` from disk with plain file reads; dtype and shape as in the header."""
         loc = self.tensors[self.resolve(name)]
+        if isinstance(loc, MergedLocation):  # transformers' merge of its file tensors, as from_pretrained does
+            sources = {p: [read_tensor_data(s.path, s.entry) for s in locs] for p, locs in loc.sources.items()}
+            return self.conversion.merge(loc.entry.name, sources).contiguous()
         return read_tensor_data(loc.path, loc.entry)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -227,3 +256,27 @@ class Checkpoint:
     def nbytes(self) -> int:
         """Bytes on disk of all tensors (a stored tied lm_head copy not counted)."""
         return sum(loc.entry.nbytes for loc in self.tensors.values())
+
+
+def _merged_location(target: str, sources: dict[str, list[TensorLocation]], conversion: Any) -> MergedLocation:
+    """Check that `sources` merge into one tensor (dtypes agree; transformers' ops run on meta
+    tensors for the merged shape) and describe it; `UserError` naming a source file and tensor."""
+    from transformers.core_model_loading import dot_natural_key
+
+    ordered = {p: sorted(locs, key=lambda loc: dot_natural_key(loc.entry.name)) for p, locs in sources.items()}
+    first = next(iter(ordered.values()))[0]
+    for locs in ordered.values():
+        for loc in locs:
+            if loc.entry.dtype != first.entry.dtype:
+                raise UserError(f"{loc.path}: tensor '{loc.entry.name}': dtype {loc.entry.dtype} differs from "
+                                f"'{first.entry.name}' ({first.entry.dtype}), merged with it into '{target}'")
+    meta = {p: [torch.empty(loc.entry.shape, dtype=loc.entry.torch_dtype, device="meta") for loc in locs]
+            for p, locs in ordered.items()}
+    try:
+        shape = tuple(conversion.merge(target, meta).shape)
+    except Exception as exc:
+        raise UserError(f"{first.path}: tensor '{first.entry.name}': cannot be merged with the others into "
+                        f"'{target}' as transformers does ({type(exc).__name__}: {exc})") from None
+    nbytes = math.prod(shape) * first.entry.torch_dtype.itemsize
+    entry = TensorEntry(name=target, dtype=first.entry.dtype, shape=shape, start=0, end=nbytes)
+    return MergedLocation(first.path, entry, ordered)
