@@ -188,9 +188,59 @@ def open_engine(name: str = "posix", progress: TextIO | None = None, **settings:
         except UserError:
             pass
     engine = AioIO(load_op(progress), **settings)
+    _reserve_locked(2 * engine.bounce_bytes)  # one thread's bounce buffers: refused here, not mid-step
+    _release_locked(2 * engine.bounce_bytes)
     if not settings:
         register_backend("aio", engine)
     return engine
+
+
+def probe_engines(directory: str, size: int = 256 * 2**20, runs: int = 3, pin: bool = False) -> dict[str, Any]:
+    """For ``lomo-run probe``: which engine moves a unit faster here. Writes then reads (cold) a
+    ``size``-byte file with each engine, alternating, ``runs`` times; compares the medians by the
+    time a step spends on a unit (read twice, forward and backward, written once). Returns
+    ``io_engine``, ``disk_read_bps.aio``/``disk_write_bps.aio`` and the posix medians beside them
+    (None where aio was not measured: a probe's earlier figures do not outlive it), and
+    ``io_engine_note``: how they were measured, or why aio was not. Never builds the
+    op (that takes minutes): an unbuilt one is reported, not measured. ``pin``: staging buffers
+    as the CUDA staging pool pins them (DeepSpeed then reads in place, with no bounce)."""
+    import statistics
+    import tempfile
+    import time
+
+    reason = unavailable_reason()
+    if reason is None and not is_built():
+        reason = "DeepSpeed async I/O is not built yet (run once with --io-engine aio to build it)"
+    keys = [f"disk_{op}_bps.{name}" for name in ("posix", "aio") for op in ("read", "write")]
+    if reason is not None:
+        return {**dict.fromkeys(keys), "io_engine": "posix", "io_engine_note": reason}
+    engines = {"posix": get_backend("posix"), "aio": open_engine("aio")}
+    buf = posix.aligned_empty(size, pin=pin)
+    buf.fill_(7)
+    seconds: dict[str, dict[str, list[float]]] = {n: {"read": [], "write": []} for n in engines}
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        path = os.path.join(tmp, "probe-engines.bin")
+        for _ in range(runs):
+            for name, engine in engines.items():
+                start = time.perf_counter()
+                engine.write_file(path, buf, size)
+                seconds[name]["write"].append(time.perf_counter() - start)
+                fd = os.open(path, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+                start = time.perf_counter()
+                engine.read_into(path, 0, buf, size)
+                seconds[name]["read"].append(time.perf_counter() - start)
+    if pin:
+        posix.unpin(buf)
+    result: dict[str, Any] = {"io_engine_note": f"posix and aio measured: median of {runs}, {size >> 20} MiB, alternating"}
+    step = {}
+    for name in engines:
+        read, write = (statistics.median(seconds[name][op]) for op in ("read", "write"))
+        result[f"disk_read_bps.{name}"], result[f"disk_write_bps.{name}"] = size / read, size / write
+        step[name] = 2 * read + write
+    result["io_engine"] = min(step, key=step.get)
+    return result
 
 
 # ---------------------------------------------------------------- locked memory
@@ -198,21 +248,57 @@ def open_engine(name: str = "posix", progress: TextIO | None = None, **settings:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _check_lockable(nbytes: int) -> None:
-    """DeepSpeed aborts the process (an ``assert`` on a null pointer) when ``mlock`` fails, so try
-    the same lock on a scratch mapping first and turn a refusal into a ``UserError``."""
-    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    view = ctypes.c_char.from_buffer(region)
-    addr, size = ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(nbytes)
+_locked_bytes = 0  # locked by this module (bounce buffers, locked_empty) and not yet freed
+_locked_guard = threading.Lock()
+
+
+def _lock_allowance() -> int | None:
+    """Bytes this process may lock (RLIMIT_MEMLOCK), or None: no limit, or CAP_IPC_LOCK (root here)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY:
+        return None
     try:
-        if _libc.mlock(addr, size) != 0:
-            err = ctypes.get_errno()
-            raise UserError(f"--io-engine aio: cannot lock {nbytes} bytes of host memory ({os.strerror(err)}); "
-                            "raise the locked-memory limit (ulimit -l) or use --io-engine posix")
-        _libc.munlock(addr, size)
-    finally:
-        del view  # the mmap cannot close while a ctypes view of it exists
-        region.close()
+        with open("/proc/self/status") as status:
+            caps = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
+        if caps & (1 << 14):  # CAP_IPC_LOCK: the limit does not apply
+            return None
+    except (OSError, StopIteration, ValueError):
+        pass
+    return soft
+
+
+def _reserve_locked(nbytes: int) -> None:
+    """Account for ``nbytes`` about to be locked by DeepSpeed, which aborts the process (an
+    ``assert`` on a null pointer) when ``mlock`` fails: refuse with a ``UserError`` instead where
+    the locked-memory limit would be passed, and try the same lock on a scratch mapping first."""
+    global _locked_bytes
+    allowance = _lock_allowance()
+    with _locked_guard:
+        if allowance is not None and _locked_bytes + nbytes > allowance:
+            raise UserError(f"--io-engine aio: locking {nbytes} more bytes of host memory would pass the "
+                            f"locked-memory limit ({allowance} bytes, {_locked_bytes} in use); raise it "
+                            "(ulimit -l) or use --io-engine posix")
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        view = ctypes.c_char.from_buffer(region)
+        addr, size = ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(nbytes)
+        try:
+            if _libc.mlock(addr, size) != 0:
+                err = ctypes.get_errno()
+                raise UserError(f"--io-engine aio: cannot lock {nbytes} bytes of host memory ({os.strerror(err)}); "
+                                "raise the locked-memory limit (ulimit -l) or use --io-engine posix")
+            _libc.munlock(addr, size)
+        finally:
+            del view  # the mmap cannot close while a ctypes view of it exists
+            region.close()
+        _locked_bytes += nbytes
+
+
+def _release_locked(nbytes: int) -> None:
+    global _locked_bytes
+    with _locked_guard:
+        _locked_bytes -= nbytes
 
 
 class _Lane:
@@ -226,7 +312,7 @@ class _Lane:
 
     def bounces(self, nbytes: int) -> list[torch.Tensor]:
         if not self.bounce:
-            _check_lockable(nbytes)
+            _reserve_locked(2 * nbytes)
             example = torch.empty(0, dtype=torch.uint8)
             self.bounce = [self.handle.new_cpu_locked_tensor(nbytes, example) for _ in range(2)]
             for buf in self.bounce:
@@ -236,9 +322,13 @@ class _Lane:
 
     def __del__(self) -> None:
         # The thread is gone (or the engine dropped): unlock and free the bounce buffers.
-        if self.pid == os.getpid() and self.pending == 0:
-            for buf in self.bounce:
-                self.handle.free_cpu_locked_tensor(buf)
+        if self.pid == os.getpid() and self.pending == 0 and self.bounce:
+            try:
+                for buf in self.bounce:
+                    self.handle.free_cpu_locked_tensor(buf)
+                _release_locked(sum(buf.numel() for buf in self.bounce))
+            except Exception:  # interpreter shutdown: the process's memory goes with it
+                pass
         self.bounce = []
 
 
@@ -280,11 +370,12 @@ class AioIO:
     def locked_empty(self, nbytes: int) -> torch.Tensor:
         """A 1-D uint8 tensor of page-locked memory that DeepSpeed reads into in place (no bounce);
         free it with ``free_locked``."""
-        _check_lockable(max(nbytes, ALIGN))
+        _reserve_locked(max(nbytes, ALIGN))
         return self._lane().handle.new_cpu_locked_tensor(nbytes, torch.empty(0, dtype=torch.uint8))
 
     def free_locked(self, buf: torch.Tensor) -> None:
-        self._lane().handle.free_cpu_locked_tensor(buf)
+        if self._lane().handle.free_cpu_locked_tensor(buf):
+            _release_locked(max(buf.numel(), ALIGN))
 
     # -- the one place a request is submitted --------------------------------------------------
 

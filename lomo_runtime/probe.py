@@ -13,6 +13,9 @@ anonymous mmap registered with `cudaHostRegister`, the way the staging pool
 pins), bf16/fp16/fp32 FLOP/s of 8192^3 matmuls, and the device's memory
 (`torch.cuda.mem_get_info`).
 
+`io_engine` names the faster I/O engine for the store here, posix or DeepSpeed aio
+(`aio.probe_engines`; aio is measured only where it is built).
+
 Results go to `$LOMO_RUN_CACHE/probe.json` (default `~/.cache/lomo-run/`), one
 flat object: the CUDA figures sit beside the CPU ones (`flops_per_s.cuda.bf16`
 beside `flops_per_s.cpu.bf16`, `h2d_bps`, `d2h_bps`, `device_memory_bytes.cuda`).
@@ -345,6 +348,9 @@ def run_probe(nvme_dir: str, device: str = "cpu", dtypes: tuple[str, ...] = ("fp
         require_cuda()
     results: dict[str, Any] = dict(load_probe())
     results["disk_read_bps"], results["disk_write_bps"] = measure_disk(nvme_dir)
+    from .aio import probe_engines  # the faster I/O engine here (io_engine), when aio is built
+
+    results.update(probe_engines(nvme_dir, pin=device == "cuda"))
     if device == "cuda":
         results.update(measure_cuda())
     else:

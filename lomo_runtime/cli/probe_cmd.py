@@ -24,7 +24,9 @@ def probe_command(offload_dir: str, device: str, as_json: bool) -> None:
         return
     for key, value in results.items():
         figure = key.split(".")[0]
-        if figure.endswith("bps"):
+        if value is None:  # e.g. disk_read_bps.aio where DeepSpeed aio is not built
+            value = "not measured"
+        elif figure.endswith("bps"):
             value = f"{value / 1e9:.2f} GB/s"
         elif figure == "flops_per_s":
             value = f"{value / 1e9:.1f} GFLOP/s"
