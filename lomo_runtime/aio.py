@@ -43,9 +43,14 @@ Invariants:
 - One ``aio_handle`` per thread (``wait()`` waits for every request of its
   handle, so two threads must not share one), created again after a fork.
 
-Measured on this machine (``tools/bench_io.py``; the table is in its JSON):
-DeepSpeed aio is within ~10% of O_DIRECT ``preadv``, after a 7.5-minute
-first build.
+Measured on this machine (``python tools/bench_io.py``: a 256 MiB file, cold
+reads, fsynced writes, median of 3, ``benchmarks/bench_io.json``; 2 shared
+cores, a virtio disk): posix 1525 MiB/s read, 1698 write; aio into locked
+buffers 640-1050 read, 1200-1610 write over queue depths 4-128 and 1-2
+threads; aio through the bounce buffers (the store's case on CPU) 550-920
+read, 740-1260 write; ``dd`` with direct I/O 922 and 1043. So posix stays the
+default here, and the probe records it (``io_engine``). The first build took
+5.3 min here (7.5 min in reference/machine.md).
 """
 from __future__ import annotations
 
