@@ -61,6 +61,10 @@ class LiveBytes(TorchDispatchMode):
         self.peaks: dict[str, int] = {}  # phase -> its high-water mark
 
     def _track(self, t: torch.Tensor) -> None:
+        if t.is_sparse:  # a row-update gradient: its indices and values hold the memory
+            self._track(t._indices())
+            self._track(t._values())
+            return
         storage = t.untyped_storage()
         key = id(storage)
         if key in self._live or key in self._exclude:
