@@ -65,6 +65,7 @@ from .rules import SGD, UpdateContext, UpdateRule, row_updates_exact
 from .scheduler import Scheduler, Unit, UnitState
 from .segments import KeptGraph, Segment, SegmentHooks, wrap_segment
 from .sizes import format_size, parse_size
+from .head import RowChunkedLinear, rows_per_chunk
 from .lora import LoraAdapters, LoraSettings
 from .skeleton import build_skeleton, unbind
 from .staging import StagingPool
@@ -588,7 +589,29 @@ class Runtime(SegmentHooks):
                               params=params, may_keep_graph=owner == last_owner)  # keep_graph: set per step
             wrap_segment(segment, self)
             segments.append(segment)
+        if self._chunked_head():
+            head = self.model.get_output_embeddings()
+            segment = next(s for s in segments if s.module is head)
+            segment.forward = self._head_forward(head.weight)
         return segments
+
+    def _chunked_head(self) -> bool:
+        """Apply the lm_head's gradient in row blocks (head.py)? Where row updates are exact (the
+        same settings), the head is a plain bias-free Linear, and no clipping holds whole gradients."""
+        head = self.model.get_output_embeddings()
+        return (self.row_updates and isinstance(head, nn.Linear) and head.bias is None
+                and not (self.rule.clip_grad_norm and self.rule.clip_mode == "unit"))
+
+    def _head_forward(self, weight: nn.Parameter):
+        info = self._params[weight]
+        shape = next(shape for param, _, shape, _, _ in info.unit.params if param is weight)
+        rows = rows_per_chunk(shape[-1])
+
+        def on_rows(block: slice, grad: torch.Tensor) -> None:
+            if self._failed is None:
+                self._update_from(weight, info, grad, rows=block)
+
+        return lambda x: RowChunkedLinear.apply(x, lambda: weight.data, on_rows, rows)
 
     def row_updates_exact(self) -> bool:
         """Whether this run's embedding may take row updates (`rules.row_updates_exact`)."""
@@ -872,8 +895,10 @@ class Runtime(SegmentHooks):
         self._mark_updated(info.unit)
         return grad
 
-    def _update_from(self, param: torch.Tensor, info: _ParamInfo, grad: torch.Tensor) -> None:
-        """The complete (reduced) fp32 gradient of `param`: check it, then clip and apply it."""
+    def _update_from(self, param: torch.Tensor, info: _ParamInfo, grad: torch.Tensor,
+                     rows: slice | None = None) -> None:
+        """The complete (reduced) fp32 gradient of `param` (or of its `rows`, from the chunked
+        head): check it, then clip and apply it."""
         unit = info.unit
         self._check_finite(grad, info)
         norm = _dense_part(grad).norm(2.0) if self.rule.clip_grad_norm else None
@@ -883,6 +908,7 @@ class Runtime(SegmentHooks):
         if self.rule.clip_grad_value is not None:
             grad.clamp_(-self.rule.clip_grad_value, self.rule.clip_grad_value)
         if norm is not None and self.rule.clip_mode == "unit":
+            assert rows is None, "per-unit clipping holds whole gradients: the head is not chunked then"
             self._unit_sq_norm[unit.name] = self._unit_sq_norm.get(unit.name, 0.0) + float(norm) ** 2
             info.held = grad
             unit.held_grads += 1  # the unit stays resident until they are applied
@@ -891,7 +917,7 @@ class Runtime(SegmentHooks):
             self._norms.append(norm)  # this step's norm, for clip_mode="previous"
         if self._clip_coef != 1.0:
             grad = _scale(grad, self._clip_coef)
-        self._apply(param, info, grad)
+        self._apply(param, info, grad, rows)
 
     def _finish_reductions(self, keep: int = 0) -> None:
         """Wait for the gradient all-reduces in flight but the newest `keep`, and apply their updates."""
@@ -938,10 +964,11 @@ class Runtime(SegmentHooks):
             self._failed = f"non-finite gradient for {info.name}"
             raise _StepFailed(self._failed)  # stop backward now: nothing after this point is worth computing
 
-    def _apply(self, param: torch.Tensor, info: _ParamInfo, grad: torch.Tensor) -> None:
-        """Run the rule on fp32 values and store the result in the parameter's dtype."""
+    def _apply(self, param: torch.Tensor, info: _ParamInfo, grad: torch.Tensor, rows: slice | None = None) -> None:
+        """Run the rule on fp32 values and store the result in the parameter's dtype (`rows`: on
+        those rows of it only, a block of the chunked head's gradient)."""
         ctx = UpdateContext(lr=self._lr, step=self.step + 1, decay=info.name not in self.no_weight_decay)
-        weight = param.data
+        weight = param.data if rows is None else param.data[rows]
         with torch.no_grad():
             if weight.dtype == torch.float32:
                 self.rule.apply(weight, grad, info.state, ctx)  # in place, no copy

@@ -27,6 +27,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..head import RowChunkedLinear, rows_per_chunk
 from ..segments import Segment, SegmentHooks, wrap_segment
 from ..skeleton import attention_for
 from .spec import DTYPES, ModelSpec
@@ -154,6 +155,13 @@ def _trace(spec: ModelSpec, batch: int, seq_len: int, layers: int, fake: bool = 
             # beside the dense vocab x hidden one it replaces. Fake tensors cannot run the sparse
             # embedding backward (it needs nonzero()), so the trace leaves that gradient out.
             model.get_input_embeddings().weight.requires_grad_(False)
+            # With the same settings the runtime applies an untied lm_head's gradient in row blocks
+            # (head.py): at most one block of it is alive.
+            head = model.get_output_embeddings()
+            if isinstance(head, torch.nn.Linear) and head.bias is None:
+                weight = head.weight.requires_grad_(False)
+                head.forward = lambda x: RowChunkedLinear.apply(x, lambda: weight, lambda rows, g: g.sum(),
+                                                                rows_per_chunk(weight.shape[-1]))
         params = dict(model.named_parameters(remove_duplicate=True))
         tied_names = set(spec.arch.tied_pairs(spec.config).values())
         tied = {id(p) for n, p in params.items() if n in tied_names}
