@@ -68,14 +68,32 @@ def _load_glibc():
         libc = ctypes.CDLL("libc.so.6")
         trim = libc.malloc_trim
     except (OSError, AttributeError):  # not glibc
-        return None, None
+        return None, None, None
     info = getattr(libc, "mallinfo2", None)  # glibc >= 2.33
     if info is not None:
         info.restype = _MallInfo2
-    return trim, info
+    return trim, info, getattr(libc, "mallopt", None)
 
 
-_malloc_trim, _mallinfo2 = _load_glibc()
+_malloc_trim, _mallinfo2, _mallopt = _load_glibc()
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+PINNED_MMAP_THRESHOLD = 64 * 1024
+
+
+def pin_mmap_threshold(nbytes: int = PINNED_MMAP_THRESHOLD) -> bool:
+    """Serve every allocation of `nbytes` or more by its own mmap, returned to the OS when freed
+    (glibc `mallopt(M_MMAP_THRESHOLD)`, which also stops the threshold from growing). Whether it
+    was set (False where the C library is not glibc). Process-wide, and it stays set.
+
+    Why: by default glibc raises the threshold to each freed mmapped block's size (up to 32 MiB),
+    after which tensors of a training step come from the heap, and what they free stays mapped
+    wherever a small live chunk pins its pages: RSS then drifts above live memory from step to
+    step. Measured on a 0.37B untied Llama (seq 256, batch 2, `--memory-budget 900MiB`, 6 steps):
+    step peaks 883, 892, 924, 956 MiB and still growing by default; 882 then 887 MiB on every step
+    with the threshold at 64 KiB, against a plan of 883 MiB; step times alike (10-11 s)."""
+    if _mallopt is None:
+        return False
+    return bool(_mallopt(M_MMAP_THRESHOLD, int(nbytes)))
 
 
 def release_freed_heap(keep_bytes: int = 0) -> None:

@@ -58,7 +58,7 @@ from .dist import COMMIT_RECORD, Parallel, PeerLost, rank_dir, read_commit_recor
 from .dist.shard import ShardedStore
 from .errors import DoesNotFit, LomoError, UserError
 from .io import aligned_empty
-from .memory import current_rss_bytes, peak_rss_bytes, release_freed_heap, reset_peak_rss
+from .memory import current_rss_bytes, peak_rss_bytes, pin_mmap_threshold, release_freed_heap, reset_peak_rss
 from .native import rounding_seed, stochastic_round_bf16
 from .progress import SilentStream, WorkProgress
 from .rules import SGD, UpdateContext, UpdateRule, row_updates_exact
@@ -230,6 +230,10 @@ class Runtime(SegmentHooks):
         if heap_trim not in ("step", "unit"):
             raise UserError(f"heap_trim must be 'step' or 'unit', got {heap_trim!r}")
         self._trim = heap_trim
+        if heap_trim == "unit":
+            # RSS that follows live memory, the plan's premise: large allocations are mmapped and
+            # returned when freed (memory.pin_mmap_threshold; without it peaks drift up step by step).
+            pin_mmap_threshold()
         # bf16 loses small updates to round-to-nearest; stochastic rounding keeps them on average.
         self.stochastic_rounding = (dtype == torch.bfloat16) if stochastic_rounding is None else stochastic_rounding
         self.master_weights = master_weights and dtype != torch.float32
