@@ -20,6 +20,7 @@ Budgets: "resident" (no weights budget: every unit stays in memory) and
     python tools/plan_accuracy.py --quick            # the smallest model only (what the test runs)
     python tools/plan_accuracy.py --out plan_accuracy.json
     python tools/plan_accuracy.py --grid families    # llama, qwen3, gemma2, starcoder2 x vocab 32k/152k x 2 budgets
+    python tools/plan_accuracy.py --grid quoted      # the two cases issue 14 quotes, at their weights budgets
 
 Prints a table (predicted, measured, error per configuration) and writes JSON.
 """
@@ -57,6 +58,16 @@ FAMILY_DIMS = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, 
                    bos_token_id=0, eos_token_id=1, pad_token_id=0)
 FAMILY_EXTRA = {"llama": {}, "qwen3": {}, "gemma2": {"head_dim": 64}, "starcoder2": {}}
 VOCABS = (32000, 151936)
+
+# `--grid quoted`: the two models issue 14 quotes (seq 256, batch 2), at the weights budgets it names
+# (the 6 x 640 model's MLP width and heads are not given there: SmolLM-like 1728 and 10 / 5 here).
+QUOTED = {
+    "llama-6x640-tied-32k": (dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=6, num_attention_heads=10,
+                                  num_key_value_heads=5, vocab_size=32000, tie_word_embeddings=True), 120_000_000),
+    "llama-0.37b-untied-32k": (dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                                    num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
+                                    tie_word_embeddings=False), 130 * 2**20),
+}
 
 
 def make_family_model(out: Path, model_type: str, vocab: int) -> Path:
@@ -134,7 +145,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--model-root", default=None, help="where random models are saved (default: a temp dir)")
-    parser.add_argument("--grid", choices=["llama", "families"], default="llama",
+    parser.add_argument("--grid", choices=["llama", "families", "quoted"], default="llama",
                         help="llama: 3 Llama sizes x 2 seq lens x 2 budgets; families: 4 families x 2 vocabs x 2 budgets")
     parser.add_argument("--out", default="plan_accuracy.json")
     args = parser.parse_args()
@@ -155,19 +166,27 @@ def main() -> None:
               f"{'error':>7}  {'pred step':>9} {'meas step':>9}")
     print(f"framework overhead {format_size(machine.framework_bytes)} ({machine.source['framework_bytes']})")
     print(header)
+    fixed_budget: dict[str, int] = {}
     if args.grid == "families":
         cases = [(f"{t}-{v // 1000}k", make_family_model(root / f"{t}-{v}", t, v), (128,))
                  for t in FAMILY_EXTRA for v in VOCABS]
+    elif args.grid == "quoted":
+        cases = [(name, make_model(root / name, dims), (256,)) for name, (dims, _) in QUOTED.items()]
+        fixed_budget = {name: budget for name, (_, budget) in QUOTED.items()}
+        args.batch_size = 2
     else:
         cases = [(name, make_model(root / name, MODELS[name]), SEQ_LENS) for name in names]
     for name, model_dir, seq_lens in cases:
         config = load_config(model_dir)
         for seq in seq_lens:
-            for budget in BUDGETS:
+            for budget in (("quoted",) if name in fixed_budget else BUDGETS):
                 run = RunConfig(seq_len=seq, batch_size=args.batch_size, dtype="fp32", rule="sgd", device="cpu",
                                 memory_budget=machine.host_memory_bytes)
                 p = plan(config, run, machine)
-                wb = None
+                wb = fixed_budget.get(name)
+                if wb is not None:
+                    run.weights_budget = wb
+                    p = plan(config, run, machine)
                 if budget == "stream":
                     wb = p.min_weights_budget
                     run.weights_budget = wb
