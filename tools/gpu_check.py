@@ -18,8 +18,11 @@ psutil and click; needs nothing from a registry or a model hub (the models are r
    Tokens/s (median step), model FLOPs utilisation (6 x params x tokens / step time / the GPU's
    dense bf16 peak), H2D GB/s achieved (bytes over the copies' own CUDA-event durations, while
    compute runs) against the probed pinned bandwidth.
-3. Memory: the planner's device peak against `torch.cuda.max_memory_allocated`, and its pinned
-   host bytes against the staging pool's peak.
+3. Memory: the planner's device peak (less the CUDA context it adds) against
+   `torch.cuda.max_memory_allocated`, and its pinned host bytes against the staging pool's peak.
+
+`--simulate` runs the same script on CPU with the tests' simulated device and a tiny model: it
+checks the script itself (about 10 s), not the GPU.
 
 The done-when of the GPU issue, checked at the end: streamed from pinned host >= 0.9x all
 resident, H2D >= 80% of probed, all resident >= 0.95x plain PyTorch, planned device peak within
@@ -40,13 +43,86 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lomo_runtime import SGD, Runtime  # noqa: E402
-from lomo_runtime.device import CudaDevice  # noqa: E402
+from lomo_runtime.device import CudaDevice, SimulatedDevice  # noqa: E402
 from lomo_runtime.rules import AdamW  # noqa: E402
 
 BIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=26, num_attention_heads=16,
            num_key_value_heads=16, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
 BATCH, SEQ = 4, 2048
 LR = 1e-4
+
+
+class Cuda:
+    """The accelerator calls the check makes, on CUDA."""
+
+    def device(self, timing: bool = False):
+        return CudaDevice(timing=timing)
+
+    def to(self, x):
+        return x.cuda()
+
+    def sync(self) -> None:
+        torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated()
+
+    def total_memory(self) -> int:
+        return torch.cuda.mem_get_info()[1]
+
+    def name(self) -> str:
+        return torch.cuda.get_device_name()
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
+    def probe_copies(self) -> tuple[float, float, str]:
+        from lomo_runtime.probe import measure_copies
+
+        return measure_copies(256 * 2**20, repeat=5)
+
+
+class Simulated(Cuda):
+    """`--simulate`: the same script on CPU with the tests' simulated device and a tiny model, so
+    its own code is exercised before a GPU session spends device minutes on it. Figures are
+    meaningless; the checks' verdicts too."""
+
+    def device(self, timing: bool = False):
+        device = SimulatedDevice(max_delay_s=0.001)
+        device.copy_rates = lambda reset=True: {}
+        return device
+
+    def to(self, x):
+        return x
+
+    def sync(self) -> None:
+        return None
+
+    def reset_peak(self) -> None:
+        return None
+
+    def peak(self) -> int:
+        return 0
+
+    def total_memory(self) -> int:
+        import psutil
+
+        return psutil.virtual_memory().total
+
+    def name(self) -> str:
+        return "simulated device (CPU)"
+
+    def empty_cache(self) -> None:
+        return None
+
+    def probe_copies(self) -> tuple[float, float, str]:
+        return 1e9, 1e9, "simulated"
+
+
+ACC: Cuda = Cuda()
 
 
 def log(msg: str) -> None:
@@ -62,7 +138,7 @@ def save_llama(path: Path, dtype: torch.dtype, device: str = "cpu", **config) ->
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.save_pretrained(path)
     del model
-    torch.cuda.empty_cache()
+    ACC.empty_cache()
     return path
 
 
@@ -81,23 +157,23 @@ def exactness(work: Path) -> dict[str, float]:
         ("adamw", lambda: AdamW(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
          lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, foreach=False)),
     ):
-        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda()
+        ref = ACC.to(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
         ref.config.use_cache = False
         ref.train()
         opt = make_opt(ref.parameters())
         for ids in batches:
-            ids = ids.cuda()
+            ids = ACC.to(ids)
             opt.zero_grad()
             ref(input_ids=ids, labels=ids).loss.backward()
             opt.step()
         expected = {k: v.detach().cpu() for k, v in ref.state_dict().items()}
         del ref, opt
-        with Runtime(model_dir, make_rule(), work_dir=work / f"sizes-{name}", device="cuda") as rt:
+        with Runtime(model_dir, make_rule(), work_dir=work / f"sizes-{name}", device=ACC.device()) as rt:
             sizes = {n: u.nbytes for n, u in rt.scheduler.units.items()}
             minimum = rt.minimum_weights_budget()
             rt.close(commit=False)
         host = max(sum(sizes.values()) // 2, 2 * max(sizes.values()))
-        with Runtime(model_dir, make_rule(), work_dir=work / f"exact-{name}", device="cuda",
+        with Runtime(model_dir, make_rule(), work_dir=work / f"exact-{name}", device=ACC.device(),
                      weights_budget=minimum, host_budget=host) as rt:
             for ids in batches:
                 result = rt.backward(rt.model(input_ids=ids, labels=ids).loss)
@@ -114,21 +190,21 @@ def exactness(work: Path) -> dict[str, float]:
 def _timed_steps(step, steps: int, warmup: int = 2) -> list[float]:
     times = []
     for i in range(warmup + steps):
-        torch.cuda.synchronize()
+        ACC.sync()
         started = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        ACC.sync()
         if i >= warmup:
             times.append(time.perf_counter() - started)
         if i == warmup - 1:
-            torch.cuda.reset_peak_memory_stats()
+            ACC.reset_peak()
     return times
 
 
 def plain_pytorch(model_dir: Path, batches, steps: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+    model = ACC.to(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16))
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -136,20 +212,20 @@ def plain_pytorch(model_dir: Path, batches, steps: int) -> dict:
     it = iter(batches * 100)
 
     def step() -> None:
-        ids = next(it).cuda(non_blocking=True)
+        ids = ACC.to(next(it))
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     times = _timed_steps(step, steps)
-    peak = torch.cuda.max_memory_allocated()
+    peak = ACC.peak()
     model = opt = None  # noqa: F841 (freed before the next configuration)
-    torch.cuda.empty_cache()
+    ACC.empty_cache()
     return {"step_s": statistics.median(times), "peak_device_bytes": peak}
 
 
 def lomo(model_dir: Path, work: Path, batches, steps: int, weights_budget, host_budget) -> dict:
-    device = CudaDevice(timing=True)
+    device = ACC.device(timing=True)
     rt = Runtime(model_dir, SGD(lr=LR), work_dir=work, device=device, dtype=torch.bfloat16,
                  weights_budget=weights_budget, host_budget=host_budget, commit_every=10_000)
     it = iter(batches * 100)
@@ -161,7 +237,7 @@ def lomo(model_dir: Path, work: Path, batches, steps: int, weights_budget, host_
 
         for _ in range(2):
             step()
-        torch.cuda.synchronize()
+        ACC.sync()
         device.copy_rates(reset=True)
         h2d0, reads0 = rt._tier.dev_stats.h2d_bytes, rt.scheduler.stats.read_bytes
         rt.reset_peaks()
@@ -183,7 +259,7 @@ def lomo(model_dir: Path, work: Path, batches, steps: int, weights_budget, host_
     finally:
         rt.close(commit=False)
         rt = None  # noqa: F841
-        torch.cuda.empty_cache()
+        ACC.empty_cache()
 
 
 def planned(config: dict, weights_budget, host_budget) -> dict:
@@ -194,31 +270,33 @@ def planned(config: dict, weights_budget, host_budget) -> dict:
     from lomo_runtime.probe import load_machine
 
     spec = ModelSpec.from_config(LlamaConfig(**config).to_dict(), "bf16", "sgd")
-    total_memory = torch.cuda.mem_get_info()[1]
+    total_memory = ACC.total_memory()
     run = RunConfig(seq_len=SEQ, batch_size=BATCH, dtype="bf16", rule="sgd", device="cuda",
                     memory_budget=total_memory, weights_budget=weights_budget, host_budget=host_budget)
     p = plan(spec, run, load_machine("cuda", "bf16", gpu="h200", device_memory=total_memory))
-    return {"peak_device_bytes": p.peak_device_bytes, "pinned_host_bytes": p.memory["staging_bytes"]}
+    # max_memory_allocated counts the caching allocator's tensors, not the CUDA context: compare
+    # it with the plan's device peak less its framework (context) bytes, the same categories.
+    return {"peak_device_bytes": p.peak_device_bytes - p.memory["framework_bytes"],
+            "device_framework_bytes": p.memory["framework_bytes"], "pinned_host_bytes": p.memory["staging_bytes"]}
 
 
 def speed(work: Path, steps: int) -> dict:
-    from lomo_runtime.planner.gpus import gpu_named
-    from lomo_runtime.probe import measure_copies
+    from lomo_runtime.planner.gpus import gpu as gpu_named
 
     log("saving a random 1.5B Llama (bf16)")
-    model_dir = save_llama(work / "big", torch.bfloat16, device="cuda", **BIG)
+    model_dir = save_llama(work / "big", torch.bfloat16, device="cpu" if isinstance(ACC, Simulated) else "cuda", **BIG)
     from transformers import AutoConfig
 
     gen = torch.Generator().manual_seed(2)
     batches = [torch.randint(2, BIG["vocab_size"], (BATCH, SEQ), generator=gen) for _ in range(4)]
-    h2d_probe, d2h_probe, pinned = measure_copies(256 * 2**20, repeat=5)
+    h2d_probe, d2h_probe, pinned = ACC.probe_copies()
     log(f"probed pinned copies ({pinned}): H2D {h2d_probe / 1e9:.1f} GB/s, D2H {d2h_probe / 1e9:.1f} GB/s")
     config = AutoConfig.from_pretrained(model_dir)
     params = (config.vocab_size * config.hidden_size * 2 + config.hidden_size
               + config.num_hidden_layers * (4 * config.hidden_size ** 2 + 3 * config.hidden_size * config.intermediate_size
                                             + 2 * config.hidden_size))
     weights = params * 2
-    name = torch.cuda.get_device_name()
+    name = ACC.name()
     gpu = "h200" if "H200" in name else "h100" if "H100" in name else "a100" if "A100" in name else None
     peak_flops = gpu_named(gpu).peak_flops["bf16"] if gpu else None
 
@@ -246,8 +324,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4, help="measured steps per configuration")
     parser.add_argument("--json-out", default=None, help="also write the JSON here")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--simulate", action="store_true",
+                        help="run on CPU with the simulated device and a tiny model (checks the script, not the GPU)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    global ACC, BIG, BATCH, SEQ
+    if args.simulate:
+        ACC = Simulated()
+        BIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=4, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False)
+        BATCH, SEQ = 2, 64
+    elif not torch.cuda.is_available():
         print("gpu_check: torch sees no CUDA device here", file=sys.stderr)
         return 2
     work = Path(args.work or tempfile.mkdtemp(prefix="lomo-gpu-check-"))
