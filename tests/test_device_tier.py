@@ -364,3 +364,25 @@ def test_lomo_run_train_on_a_device_equals_the_cpu_run(tmp_path: Path, monkeypat
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
     assert all(0 < r["weights_resident_peak_bytes"] <= 70_000 for r in steps)
     assert all(0 < r["staging_peak_bytes"] <= 120 * 1024 and "pinned_host_bytes" in r for r in steps)
+
+
+def test_the_gpu_check_script_runs_end_to_end_on_the_simulated_device(tmp_path: Path) -> None:
+    """tools/gpu_check.py --simulate: the GPU check's own code (exactness, the four speed runs,
+    planned against measured memory, the table and the JSON line) on CPU, so a GPU session does
+    not spend its minutes on a broken script. Its exactness figures are real: streamed on the
+    simulated device against torch.optim in memory."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, "tools/gpu_check.py", "--simulate", "--work", str(tmp_path / "work"),
+                           "--steps", "1", "--json-out", str(out)], cwd=repo, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["exactness"]["sgd_max_abs_diff"] <= TOL and result["exactness"]["adamw_max_abs_diff"] <= TOL
+    assert set(result["speed"]["runs"]) == {"pytorch", "resident", "pinned_quarter", "nvme_quarter"}
+    assert result["speed"]["runs"]["nvme_quarter"]["disk_read_bytes_per_step"] > 0  # streamed from the store
+    assert "checks:" in proc.stdout
