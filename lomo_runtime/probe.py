@@ -49,7 +49,10 @@ DEFAULTS = {
     # gloo between two ranks on this 2-core machine: a 64 MiB fp32 all-reduce in 53 ms, 1.26 GB/s
     # (median of 5). NCCL on NVLink is two orders of magnitude faster: pass --allreduce-bw there.
     "allreduce_bps": 1.2e9,
-    "framework_bytes": 390 * 2**20,  # measured here: torch 2.13 + transformers 5.24 + one tiny step
+    # Measured here (torch 2.13, transformers 5.24): the RSS of training runs after a warm step, less
+    # the staging pool, with the mmap threshold pinned and MKL's buffer cache off (what a memory
+    # budget sets): 407 MiB for 4-layer 256-wide Llamas and for a 24-layer 1024-wide one alike.
+    "framework_bytes": 407 * 2**20,
 }
 
 
@@ -334,7 +337,8 @@ def measure_framework_bytes() -> int:
     """RSS of a fresh process that imported torch + transformers, built a tiny `Runtime` and ran one
     step (kernels, thread pools and autograd warmed up: ~9 MiB more than the bare import), less its
     staging pool."""
-    out = subprocess.run([sys.executable, "-c", _FRAMEWORK_SNIPPET], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", _FRAMEWORK_SNIPPET], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MKL_DISABLE_FAST_MM": "1"})  # as a budgeted run has it
     return int(out.stdout.strip().splitlines()[-1])
 
 

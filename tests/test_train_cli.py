@@ -166,3 +166,19 @@ def test_export_command_writes_the_committed_step(job: dict[str, Path], tmp_path
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
     missing = _run(cmd[:4] + ["--store", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     assert missing.returncode == 2 and "not a lomo-run store" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_budget_governed_command_line_is_recognised_before_torch_loads(tmp_path: Path) -> None:
+    """`lomo-run train` under a memory budget turns MKL's buffer cache off before torch is
+    imported (cli.main): which command lines count."""
+    from lomo_runtime.cli import _budget_governed
+
+    yaml_with, yaml_without = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    yaml_with.write_text("memory_budget: 2GiB\nsteps: 3\n")
+    yaml_without.write_text("steps: 3\n")
+    assert _budget_governed(["train", "--memory-budget", "2GiB"])
+    assert _budget_governed(["train", "--memory-budget=2GiB"])
+    assert _budget_governed(["train", "--config", str(yaml_with)])
+    assert not _budget_governed(["train", "--config", str(yaml_without)])
+    assert not _budget_governed(["train", "--weights-budget", "1MB"])
+    assert not _budget_governed(["plan", "--memory-budget", "2GiB"])

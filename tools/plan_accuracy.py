@@ -130,8 +130,9 @@ def child(args: dict) -> dict:
 
 
 def run_child(payload: dict) -> dict:
+    # As `lomo-run train --memory-budget` runs: MKL's buffer cache off from the start (cli.main).
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(payload)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "MKL_DISABLE_FAST_MM": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -47,13 +47,15 @@ def weights_budget_for_memory(runtime: Any, memory_budget: int, seq_len: int | N
         seq_len = min(DEFAULT_SEQ_LEN, spec.dims.max_positions)
     device = "cuda" if runtime.device.startswith("cuda") else "cpu"  # "cuda:1" plans as cuda
     machine = load_machine(device, dtype)
-    machine.framework_bytes = current_rss_bytes()
+    # This process now (its model's module tree built), or the warm figure of a probe or the default,
+    # whichever is larger: the first step still adds kernels' and thread pools' state.
+    machine.framework_bytes = max(current_rss_bytes(), machine.framework_bytes)
     machine.source["framework_bytes"] = "measured"
     run = RunConfig(seq_len=seq_len, batch_size=batch_size or 1, dtype=dtype, rule=spec.rule,
                     device=device, memory_budget=memory_budget,
                     master_weights=runtime.master_weights, grad_accumulation=runtime.grad_accumulation,
                     row_updates=runtime.row_updates,
-                    heap_keep=runtime.heap_keep,
+                    heap_keep=runtime.heap_keep, heap_trim=runtime._trim,
                     **({} if runtime.parallel is None else {"nproc": runtime.parallel.world, "parallel": runtime.parallel.mode}))
     p = plan(spec, run, machine)
     if not p.fits:

@@ -120,7 +120,9 @@ def _fixed_bytes(spec: ModelSpec, run: RunConfig, machine: Machine) -> tuple[int
     if spec.dims.tied:
         transient += spec.unit("embed").params * itemsize  # pending tied gradient
     framework = machine.framework_bytes if run.device == "cpu" else machine.device_framework_bytes
-    slack = allocator_slack(act.largest_bytes) + run.heap_keep if run.device == "cpu" else 0
+    slack = 0
+    if run.device == "cpu":
+        slack = run.heap_keep + (allocator_slack(act.largest_bytes) if run.heap_trim == "step" else 0)
     cats = {
         "framework_bytes": framework,
         "allocator_slack_bytes": slack,

@@ -160,6 +160,10 @@ class RunConfig:
     """Micro-batch gradient accumulation: an fp32 buffer per weight streamed with its unit (+4 B/param)."""
     heap_keep: int = 0
     """Freed heap the runtime leaves mapped for reuse (`Runtime(heap_keep=)`): counted as allocator slack."""
+    heap_trim: str = "unit"
+    """The runtime's heap policy (`Runtime(heap_trim=)`): "unit", what a memory budget selects, keeps
+    RSS at live memory (trimmed per unit, mmap threshold pinned: no allocator slack); "step" leaves
+    what glibc's dynamic threshold keeps (`allocator_slack`)."""
     keep_logits: bool = True
     """The caller holds the output (and its logits) during backward, as `out = rt.model(...)` does."""
     row_updates: bool | None = None
