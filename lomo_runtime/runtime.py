@@ -241,6 +241,7 @@ class Runtime(SegmentHooks):
         self.seed = seed
         # What the process holds before any weight arrives: torch, transformers, the interpreter.
         self.framework_bytes = current_rss_bytes()
+        self.planned_framework_bytes: int | None = None  # what the memory budget's plan counted (planner)
         # A caller that already validated the checkpoint (the trainer) passes it, so headers are read once.
         self.checkpoint = checkpoint if checkpoint is not None else Checkpoint.open(self.model_dir)
         self.store = self._open_store(resume) if self.parallel is None else self._open_rank_store(resume)

@@ -428,7 +428,11 @@ def _write_plan(rt: Runtime, cfg: TrainConfig, out: Path) -> None:
 
         memory = torch.cuda.mem_get_info(rt.compute_device.torch_device)[1]
     run.device = device
-    predicted = plan(spec, run, load_machine(device, cfg.dtype, device_memory=memory))
+    machine = load_machine(device, cfg.dtype, device_memory=memory)
+    if rt.planned_framework_bytes is not None:  # the framework the runtime sized its budget with
+        machine.framework_bytes = rt.planned_framework_bytes
+        machine.source["framework_bytes"] = "measured"
+    predicted = plan(spec, run, machine)
     tmp = out / "plan.json.tmp"
     tmp.write_text(json.dumps(predicted.to_json(), indent=1))
     os.replace(tmp, out / "plan.json")
