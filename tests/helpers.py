@@ -55,16 +55,38 @@ def make_tiny_model(
     return out
 
 
-def torch_sgd_reference(model_dir: Path, batches: list[torch.Tensor], lr: float) -> torch.nn.Module:
-    """The model in `model_dir` (fp32, in memory, train mode) after `torch.optim.SGD` over `batches`,
-    each a language-modelling batch whose labels are its inputs: the reference streamed runs are
-    compared with."""
+def torch_reference(model_dir: Path, batches: list[torch.Tensor], optimizer) -> torch.nn.Module:
+    """The model in `model_dir` (fp32, in memory, train mode) after `optimizer(parameters)` over
+    `batches`, each a language-modelling batch whose labels are its inputs: the reference streamed
+    runs are compared with."""
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ref.config.use_cache = False
     ref.train()
-    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    opt = optimizer(ref.parameters())
     for ids in batches:
         opt.zero_grad()
         ref(input_ids=ids, labels=ids).loss.backward()
         opt.step()
     return ref
+
+
+def torch_sgd_reference(model_dir: Path, batches: list[torch.Tensor], lr: float) -> torch.nn.Module:
+    """`torch_reference` with `torch.optim.SGD(lr=lr)`."""
+    return torch_reference(model_dir, batches, lambda params: torch.optim.SGD(params, lr=lr))
+
+
+def torch_adamw_reference(model_dir: Path, batches: list[torch.Tensor], **settings) -> torch.nn.Module:
+    """`torch_reference` with `torch.optim.AdamW(**settings)`, single-tensor path (foreach=False)."""
+    return torch_reference(model_dir, batches, lambda params: torch.optim.AdamW(params, foreach=False, **settings))
+
+
+class NanGrad(torch.autograd.Function):
+    """Identity forward; NaN gradient backward (a non-finite gradient injected where it is applied)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")

@@ -19,21 +19,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fault_harness import CLI, REPO, assert_same_weights, make_job, run_cli, store_report, train_argv, weights
-from helpers import make_tiny_model
+from helpers import NanGrad, make_tiny_model
 from lomo_runtime import SGD, Runtime
 from lomo_runtime.runtime import LossScaler
 
 LR = 0.05
-
-
-class _NanGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
 
 
 def _batches(vocab: int, n: int) -> list[torch.Tensor]:
@@ -52,7 +42,7 @@ def _train_with_replay(rt: Runtime, batches: list[torch.Tensor], bad: int) -> tu
     def poison(module, inputs, output):
         if torch.is_grad_enabled() and batch_index == bad and not fired:
             fired.append(rt.step)
-            return _NanGrad.apply(output)
+            return NanGrad.apply(output)
         return output
 
     handle = rt.model.get_input_embeddings().register_forward_hook(poison)

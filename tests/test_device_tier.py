@@ -23,7 +23,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import make_tiny_model, torch_sgd_reference
+from helpers import NanGrad, make_tiny_model, torch_adamw_reference, torch_sgd_reference
 from lomo_runtime import SGD, Runtime
 from lomo_runtime.device import SimulatedDevice
 from lomo_runtime.errors import UserError
@@ -62,6 +62,12 @@ def _weights(rt: Runtime) -> dict[str, torch.Tensor]:
     return {name: t.clone() for name, t in rt.iter_weights()}
 
 
+def _assert_close(trained: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tol: float = TOL) -> None:
+    for name, tensor in trained.items():
+        diff = (tensor.cpu() - expected[name]).abs().max().item()
+        assert diff <= tol, f"{name} differs by {diff}"
+
+
 def _check_budgets(rt: Runtime, device: SimulatedDevice, device_budget: int, host_budget: int) -> None:
     device.assert_clean()
     tier = rt._tier
@@ -91,10 +97,7 @@ def test_streamed_sgd_on_a_device_matches_torch_sgd(tmp_path: Path, tied: bool, 
         _check_budgets(rt, device, device_budget, host_budget)
         trained = _weights(rt)
     device.close()
-    expected = ref.state_dict()
-    for name, tensor in trained.items():
-        diff = (tensor - expected[name]).abs().max().item()
-        assert diff <= TOL, f"{name} differs by {diff}"
+    _assert_close(trained, ref.state_dict())
 
 
 def test_streamed_adamw_on_a_device_matches_torch_adamw(tmp_path: Path) -> None:
@@ -102,13 +105,7 @@ def test_streamed_adamw_on_a_device_matches_torch_adamw(tmp_path: Path) -> None:
     model_dir = make_tiny_model(tmp_path, arch="llama", tied=False)
     batches = _batches()
     settings = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ref.config.use_cache = False
-    opt = torch.optim.AdamW(ref.parameters(), foreach=False, **settings)
-    for ids in batches:
-        opt.zero_grad()
-        ref(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
+    ref = torch_adamw_reference(model_dir, batches, **settings)
     rule = AdamW(fused=False, **settings)
     device_budget, host_budget = _budgets(model_dir, tmp_path, rule)
     device = SimulatedDevice(max_delay_s=0.004, seed=7)
@@ -119,10 +116,7 @@ def test_streamed_adamw_on_a_device_matches_torch_adamw(tmp_path: Path) -> None:
         assert rt.scheduler.stats.reads > STEPS
         trained = _weights(rt)
     device.close()
-    expected = ref.state_dict()
-    for name, tensor in trained.items():
-        diff = (tensor - expected[name]).abs().max().item()
-        assert diff <= TOL, f"{name} differs by {diff}"
+    _assert_close(trained, ref.state_dict())
 
 
 def test_bf16_stochastic_rounding_on_a_device_equals_the_cpu_path_bit_for_bit(tmp_path: Path) -> None:
@@ -167,16 +161,6 @@ def test_units_in_host_memory_need_no_disk_io_between_commits(tmp_path: Path) ->
     device.close()
 
 
-class _NanGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad * float("nan")
-
-
 def test_a_non_finite_gradient_on_a_device_drops_the_step_whole(tmp_path: Path) -> None:
     """The finite check stays on the device and is read once, at the end of backward: the step
     is dropped, every unit goes back to the last commit (units updated before the NaN included),
@@ -195,7 +179,7 @@ def test_a_non_finite_gradient_on_a_device_drops_the_step_whole(tmp_path: Path) 
         def poison(module, inputs, output):
             if torch.is_grad_enabled() and fire["armed"]:
                 fire["armed"] = False
-                return _NanGrad.apply(output)
+                return NanGrad.apply(output)
             return output
 
         rt.model.get_input_embeddings().register_forward_hook(poison)
@@ -219,9 +203,7 @@ def test_a_non_finite_gradient_on_a_device_drops_the_step_whole(tmp_path: Path) 
         trained = _weights(rt)
         device.assert_clean()
     device.close()
-    expected = ref.state_dict()
-    for name, tensor in trained.items():
-        assert (tensor - expected[name]).abs().max().item() <= TOL, name
+    _assert_close(trained, ref.state_dict())
 
 
 def test_resume_on_a_device_is_bit_identical(tmp_path: Path) -> None:
@@ -401,14 +383,7 @@ def test_on_cuda_streamed_training_matches_torch(tmp_path: Path, rule_name: str)
         expected = torch_sgd_reference(model_dir, batches, LR).state_dict()
         rule = SGD(lr=LR)
     else:
-        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        ref.config.use_cache = False
-        opt = torch.optim.AdamW(ref.parameters(), foreach=False, **settings)
-        for ids in batches:
-            opt.zero_grad()
-            ref(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-        expected = ref.state_dict()
+        expected = torch_adamw_reference(model_dir, batches, **settings).state_dict()
         rule = AdamW(**settings)
     device_budget, host_budget = _budgets(model_dir, tmp_path, rule)
     with Runtime(model_dir, rule, work_dir=tmp_path / "work", device="cuda", weights_budget=device_budget,
@@ -419,6 +394,4 @@ def test_on_cuda_streamed_training_matches_torch(tmp_path: Path, rule_name: str)
         assert rt.pool.peak_bytes <= host_budget
         assert rt.scheduler.stats.reads > STEPS
         trained = _weights(rt)
-    for name, tensor in trained.items():
-        diff = (tensor.cpu() - expected[name]).abs().max().item()
-        assert diff <= 1e-5, f"{name} differs by {diff}"
+    _assert_close(trained, expected, tol=1e-5)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fault_harness import assert_same_weights, store_report, train_in_process, weights
-from helpers import make_tiny_model, save_char_tokenizer
+from helpers import NanGrad, make_tiny_model, save_char_tokenizer
 from lomo_runtime.runtime import Runtime
 
 STEPS = 6
@@ -37,18 +37,6 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "model": model, "data": data}
 
 
-class _NanGrad(torch.autograd.Function):
-    """Identity forward; NaN gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad * float("nan")
-
-
 def _inject(monkeypatch: pytest.MonkeyPatch, nan_loss: set[int] = frozenset(), nan_grad: set[int] = frozenset()) -> None:
     """Make training forward/backward number n (1-based, per process) produce a NaN loss or an embedding NaN gradient."""
     calls = {"forward": 0, "backward": 0}
@@ -61,7 +49,7 @@ def _inject(monkeypatch: pytest.MonkeyPatch, nan_loss: set[int] = frozenset(), n
             if torch.is_grad_enabled():
                 calls["forward"] += 1
                 if calls["forward"] in nan_grad:
-                    return _NanGrad.apply(output)
+                    return NanGrad.apply(output)
             return output
 
         self.model.get_input_embeddings().register_forward_hook(poison)
@@ -151,7 +139,7 @@ def _inject_at_steps(monkeypatch: pytest.MonkeyPatch, nan_grad_steps: set[int], 
             key = ("grad", self.step)
             if torch.is_grad_enabled() and self.step in nan_grad_steps and key not in fired:
                 fired.add(key)
-                return _NanGrad.apply(output)
+                return NanGrad.apply(output)
             return output
 
         self.model.get_input_embeddings().register_forward_hook(poison)

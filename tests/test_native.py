@@ -268,18 +268,14 @@ def test_fused_adamw_in_a_streamed_training_run(kernels, tmp_path: Path, monkeyp
     carried through the forward passes; 2e-7 measured here); the fallback equals torch.optim to 1e-6."""
     from transformers import AutoModelForCausalLM
 
+    from helpers import torch_adamw_reference
+
     model_dir = make_tiny_model(tmp_path, arch="llama", tied=True)
     gen = torch.Generator().manual_seed(4)
     batches = [torch.randint(0, 128, (2, 16), generator=gen) for _ in range(4)]
     settings = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ref.config.use_cache = False
-    opt = torch.optim.AdamW(ref.parameters(), foreach=False, **settings)
-    for ids in batches:
-        opt.zero_grad()
-        ref(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
+    ref = torch_adamw_reference(model_dir, batches, **settings)
     expected = ref.state_dict()
     n_params = sum(1 for _ in ref.parameters())
 
