@@ -1389,7 +1389,6 @@ class Runtime(SegmentHooks):
                 "weights_resident_peak_bytes": self._tier.dev_stats.peak_device_weights_bytes,
                 "host_units_peak_bytes": self._tier.host.stats.peak_resident_bytes,
                 "pinned_host_bytes": staging if self.pool.pin else 0,
-                "other_bytes": max(0, peak - staging - self.framework_bytes),
             })
         return report
 

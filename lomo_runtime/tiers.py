@@ -256,8 +256,6 @@ class DeviceTier:
             return False  # a prefetch copies only what the host holds; reading it is the host's prefetch
         if not self._make_room(unit.nbytes, before=self.host.next_use(name), required=required):
             return False
-        if slot.state is not DevState.ABSENT:
-            return True  # making room landed copies and ... it is here already (cannot happen today)
         if name in self._out:
             self._land_out(name, wait=True)  # its host buffer is being filled from an older device copy
         host_buf = self.host.hold(name)  # read from the store first if the host does not hold it
