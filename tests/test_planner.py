@@ -122,6 +122,20 @@ def test_heap_keep_is_counted_in_the_host_peak():
     assert kept.memory["allocator_slack_bytes"] - base.memory["allocator_slack_bytes"] == 256 * 2**20
 
 
+def test_allocator_slack_only_where_the_heap_is_not_trimmed_per_unit():
+    """heap_trim "unit" (what a memory budget selects: trimmed per unit, mmap threshold pinned)
+    keeps RSS at live memory, so the plan adds no slack; "step" leaves what glibc's dynamic
+    threshold keeps mapped: 2 x min(32 MiB, the largest tensor)."""
+    from lomo_runtime.planner.plan import allocator_slack
+
+    config = json.loads((LLAMA_7B / "config.json").read_text())
+    unit = plan(config, RunConfig(seq_len=512, dtype="bf16"), MACHINE)
+    step = plan(config, RunConfig(seq_len=512, dtype="bf16", heap_trim="step"), MACHINE)
+    assert unit.memory["allocator_slack_bytes"] == 0
+    assert step.memory["allocator_slack_bytes"] == allocator_slack(32 * 2**20) == 64 * 2**20
+    assert step.peak_host_bytes - unit.peak_host_bytes == 64 * 2**20
+
+
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as exit_info:
         main(list(argv))
