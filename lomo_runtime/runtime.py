@@ -58,12 +58,13 @@ from .dist import COMMIT_RECORD, Parallel, PeerLost, rank_dir, read_commit_recor
 from .dist.shard import ShardedStore
 from .errors import DoesNotFit, LomoError, UserError
 from .io import aligned_empty
+from .loss import install as install_loss
 from .memory import current_rss_bytes, peak_rss_bytes, pin_mmap_threshold, release_freed_heap, reset_peak_rss
 from .native import rounding_seed, stochastic_round_bf16
 from .progress import SilentStream, WorkProgress
 from .rules import SGD, UpdateContext, UpdateRule, row_updates_exact
 from .scheduler import Scheduler, Unit, UnitState
-from .segments import KeptGraph, Segment, SegmentHooks, wrap_segment
+from .segments import KeptGraph, Segment, SegmentHooks, access_sequences, wrap_segment
 from .sizes import format_size, parse_size
 from .head import RowChunkedLinear, rows_per_chunk
 from .lora import LoraAdapters, LoraSettings
@@ -182,6 +183,7 @@ class Runtime(SegmentHooks):
         row_updates: bool | None = None,
         parallel: "str | Parallel | None" = None,
         io_engine: str = "posix",
+        split_blocks: bool | None = None,
     ) -> None:
         # A compute device below the host (CUDA; the tests' simulated device): three tiers (tiers.py).
         # On CPU the host is the device: two tiers, the `Scheduler` alone.
@@ -244,10 +246,16 @@ class Runtime(SegmentHooks):
         self.planned_framework_bytes: int | None = None  # what the memory budget's plan counted (planner)
         # A caller that already validated the checkpoint (the trainer) passes it, so headers are read once.
         self.checkpoint = checkpoint if checkpoint is not None else Checkpoint.open(self.model_dir)
+        # A new store cuts each block in two (`block.{i}`, `block.{i}.mlp`: architectures.py) when
+        # it is to stream; a store being resumed keeps the units it has.
+        self.checkpoint = self.checkpoint.with_split(
+            self._wants_split(split_blocks, budgeted=memory_budget is not None or weights_budget is not None))
         self.store = self._open_store(resume) if self.parallel is None else self._open_rank_store(resume)
+        self.checkpoint = self.checkpoint.with_split(any(name.endswith(".mlp") for name in self.store.units))
         self._shard = isinstance(self.store, ShardedStore)  # units are slices on disk, gathered on read
         self.step = self.store.step  # completed steps; the store's committed step lags it by < commit_every
         self.model = build_skeleton(str(self.model_dir), dtype)
+        install_loss(self.model)  # the same loss and gradient, without a saved [tokens, vocab] log-softmax (loss.py)
         self._params: dict[nn.Parameter, _ParamInfo] = {}
         self._generation = 1 + max(rec.generation for rec in self.store.units.values())
         self._add_state_slots()
@@ -278,8 +286,7 @@ class Runtime(SegmentHooks):
         self.scheduler.on_pressure = self._drop_kept_graphs
         self.segments = self._build_segments()
         self._check_minimum_budget()
-        self._forward_sequence = [n for s in self.segments for n in s.needs]
-        self._backward_sequence = [n for s in reversed(self.segments) for n in s.needs]
+        self._forward_sequence, self._backward_sequence = access_sequences(self.segments)
         self._passes = 2 if self.rule.clip_grad_norm and self.rule.clip_mode in ("exact", "previous") else 1
         self._train_sequence = self._forward_sequence + self._backward_sequence * self._passes
         self._outstanding: dict[str, int] = {name: 0 for name in self.scheduler.units}  # backwards still to run
@@ -303,7 +310,7 @@ class Runtime(SegmentHooks):
         self._reductions: list[tuple[nn.Parameter, _ParamInfo, torch.Tensor, Any]] = []
         self._reduce_mark = 0
         self.reduce_wait_s = 0.0     # time the compute thread waited on them (cumulative)
-        self._head_first = next(s for s in self.segments if s.may_keep_graph)
+        self._head_first = next(s for s in self.segments if s.may_keep_graph and s.parent is None)
         self._accumulating = False   # micro-batches accumulated, their step not yet applied
         self._commit_meta: dict = {}  # the caller's latest commit_meta, committed with the next commit
         self._commit_due = False     # this step ends with a commit: write units as soon as they are done
@@ -324,6 +331,17 @@ class Runtime(SegmentHooks):
 
     # ---- construction ----------------------------------------------------------------------
     HOST_SHARE = 0.8  # of the RAM available at start, the most the host tier takes by default
+
+    def _wants_split(self, requested: bool | None, budgeted: bool) -> bool:
+        """Cut blocks in two for a new store? By default when a budget is given, so weights may stream:
+        the half a block computes on and the next half then fit where whole blocks could not be
+        double-buffered (on SmolLM2 at a quarter of its weights, the tied embedding leaves room for
+        1.5 blocks). Not under per-unit clipping, whose groups are the units."""
+        unit_clipping = bool(self.rule.clip_grad_norm) and self.rule.clip_mode == "unit"
+        if requested and unit_clipping:
+            raise UserError("split_blocks=True with clip_mode='unit': per-unit clipping clips whole blocks; "
+                            "use clip_mode 'exact' or 'previous', or leave split_blocks unset")
+        return (budgeted and not unit_clipping) if requested is None else requested
 
     def _default_host_budget(self, units: list[Unit]) -> int | None:
         """With a device and no host budget: every unit in host memory when they fit in 80% of the
@@ -581,17 +599,26 @@ class Runtime(SegmentHooks):
         return units
 
     def _build_segments(self) -> list[Segment]:
-        segments = []
-        paths = list(self.checkpoint.arch.segments(self.checkpoint.config))
+        segments: list[Segment] = []
+        paths = list(self.checkpoint.arch.segments(self.checkpoint.config, self.checkpoint.split))
         last_owner = paths[-1][1]
+        nested = {path for path, _ in paths if any(path.startswith(other + ".") for other, _ in paths)}
         for path, owner in paths:
             module = self.model.get_submodule(path)
-            params = list(module.parameters())
+            # A block's MLP segment sits inside the block's: the block's own parameters are the rest.
+            inner = {id(p) for other in nested if other.startswith(path + ".")
+                     for p in self.model.get_submodule(other).parameters()}
+            params = [p for p in module.parameters() if id(p) not in inner]
             needs = [owner] + sorted({self._params[p].unit.name for p in params} - {owner})
+            parent = next((s for s in reversed(segments) if path.startswith(s.path + ".")), None) if path in nested else None
             # The last unit (final norm, lm_head) is used again right after its forward: keep its graph
-            # rather than recompute the lm_head matmul (segments.py).
+            # rather than recompute the lm_head matmul (segments.py). A nested MLP segment keeps its
+            # graph too: it runs with grad only inside its block's recompute, whose backward follows.
             segment = Segment(path=path, owner=owner, needs=needs, module=module, forward=module.forward,
-                              params=params, may_keep_graph=owner == last_owner)  # keep_graph: set per step
+                              params=params, may_keep_graph=owner == last_owner or parent is not None,
+                              parent=parent)  # keep_graph: set per step
+            if parent is not None:
+                parent.children.append(segment)
             wrap_segment(segment, self)
             segments.append(segment)
         if self._chunked_head():
@@ -646,7 +673,7 @@ class Runtime(SegmentHooks):
         tied = any(segment.owner != "embed" and "embed" in segment.needs for segment in self.segments)
         need = 0
         for segment in self.segments:
-            units = set(segment.needs) | ({"embed"} if tied else set())
+            units = set(segment.needs) | set(segment.parent.needs if segment.parent else ()) | ({"embed"} if tied else set())
             need = max(need, sum(sizes[u] for u in units))
         return need
 
@@ -696,13 +723,16 @@ class Runtime(SegmentHooks):
         if self._trim == "step" and segment is self._head_first:
             release_freed_heap(self.heap_keep)  # ahead of the step's peak (logits and their gradient)
         self.scheduler.acquire(segment.needs)
-        if grad:
-            self._outstanding[segment.owner] += 1
-            self._forward_calls[segment.owner] += 1
-            for param in segment.params:
-                info = self._params[param]
-                info.uses_total += 1
-                info.uses_left += 1
+        if grad and segment.parent is None:
+            # A nested segment runs with grad only in its block's recompute, during backward: its
+            # use is counted here, with the block's, once per training forward.
+            for seg in (segment, *segment.children):
+                self._outstanding[seg.owner] += 1
+                self._forward_calls[seg.owner] += 1
+                for param in seg.params:
+                    info = self._params[param]
+                    info.uses_total += 1
+                    info.uses_left += 1
 
     def _begin_step(self) -> None:
         self._in_step = True
@@ -752,6 +782,10 @@ class Runtime(SegmentHooks):
         self.progress_stream.flush()
 
     def segment_backward_begin(self, segment: Segment) -> None:
+        if self._trim == "step" and segment is self.segments[0]:
+            # What the blocks' recomputes freed, before the embedding's backward adds its dense
+            # gradient beside a tied one held since the head's: the step's second peak.
+            release_freed_heap(self.heap_keep)
         self._reduce_mark = len(self._reductions)  # reductions launched before this segment's backward
         self.scheduler.acquire(segment.needs)
         if self._mode != "norm":
@@ -763,7 +797,7 @@ class Runtime(SegmentHooks):
         if entry is not None and self._mode != "norm":  # exact clipping's second pass needs the graph too
             self._kept_pins.remove(entry)
             self.scheduler.release(segment.needs)
-        if self._trim == "unit" or segment is self.segments[0]:
+        if self._trim == "unit":
             release_freed_heap(self.heap_keep)
         if self.progress_stream is not None:
             self._note_unit("backward", segment)

@@ -16,6 +16,14 @@ graph never holds them: weights can leave memory between forward and backward.
 A zero-size tensor that requires grad is passed as an extra input so backward
 runs even for the embedding, whose only real input is integer token ids.
 
+A segment may be nested in another: with blocks split in two, a block's MLP is a
+segment (and a unit) inside the block's. In the block's forward (no grad) it runs
+with its unit acquired, released as soon as it returns; in the block's recompute
+it keeps its graph (below), so backward goes through it without a second
+recompute, its unit pinned from its recomputed forward to its backward. So the
+block's attention half and its MLP half come and go separately, and a tight
+budget can load one while the other computes.
+
 A segment with `keep_graph` (the head: final norm and lm_head) is not
 recomputed: its forward runs with grad inside the function and keeps that small
 graph (the lm_head's input, 2.4 MB for 8 x 128 tokens of SmolLM2, and the
@@ -51,6 +59,25 @@ class Segment:
     params: list[nn.Parameter] = field(default_factory=list)
     keep_graph: bool = False     # keep the forward's graph until backward instead of recomputing it
     may_keep_graph: bool = False  # keep_graph is allowed for this segment (the runtime decides per step)
+    parent: "Segment | None" = field(default=None, repr=False)  # the segment this one runs inside (a block's MLP)
+    children: list["Segment"] = field(default_factory=list, repr=False)  # segments nested in this one
+
+
+def access_sequences(segments: list[Segment]) -> tuple[list[str], list[str]]:
+    """The order in which a training step's forward and backward acquire units.
+
+    Forward: each segment in call order (a nested one inside its parent, so right after it).
+    Backward, for each top-level segment from the last: the segment (its recompute), each nested
+    segment's forward inside that recompute, then their backwards in reverse."""
+    forward = [n for s in segments for n in s.needs]
+    backward: list[str] = []
+    for seg in reversed([s for s in segments if s.parent is None]):
+        backward += seg.needs
+        for child in seg.children:
+            backward += child.needs
+        for child in reversed(seg.children):
+            backward += child.needs
+    return forward, backward
 
 
 class SegmentHooks:
@@ -185,7 +212,8 @@ def _backward_kept(ctx, grad_outputs: tuple[torch.Tensor, ...]):
         for x in wanted:
             x.grad = None
         if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], retain_graph=True)
+            # A nested segment's graph belongs to one recompute of its parent: used once.
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], retain_graph=segment.parent is None)
     finally:
         hooks.segment_backward_end(segment, kept=kept)
     grads = [x.grad if isinstance(x, torch.Tensor) and x.requires_grad and ctx.needs_input_grad[_LEADING + i] else None

@@ -420,6 +420,7 @@ def _write_plan(rt: Runtime, cfg: TrainConfig, out: Path) -> None:
                     master_weights=rt.master_weights, grad_accumulation=rt.grad_accumulation,
                     row_updates=rt.row_updates,
                     heap_keep=rt.heap_keep, heap_trim=rt._trim, commit_every=rt.commit_every,
+                    split_blocks=rt.checkpoint.split,
                     **({} if rt.parallel is None else {"nproc": rt.parallel.world, "parallel": rt.parallel.mode}))
     device = "cuda" if rt.device.startswith("cuda") else "cpu"  # the tests' simulated device plans as cpu
     memory = None

@@ -48,7 +48,7 @@ def make_job(root: Path, examples: int = 200) -> dict[str, Path]:
 
 
 def train_argv(job: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    """`train` arguments: a 70 KB weights budget holds two of the four units, so every step
+    """`train` arguments: a 70 KB weights budget holds two of the six units (blocks split in two under a budget), so every step
     reads, evicts, writes back and (with `--commit-every 1`) commits: the paths the faults target."""
     return [
         "train", "--model", str(job["model"]), "--data", str(job["data"]), "--out", str(out),

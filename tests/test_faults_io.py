@@ -52,9 +52,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
 # (id, fault spec, committed step left behind, text the error names, errno text)
 CASES = [
     ("create-unit-write-enospc", "write:2:ENOSPC:/units/", None, "block.0.g0.bin", "No space left on device"),
-    ("writeback-enospc", "write:10:ENOSPC:/units/", 1, ".g2.bin", "No space left on device"),
-    ("writeback-fsync-eio", "fsync:11:EIO:/units/", 1, ".g2.bin", "Input/output error"),
-    ("disk-stays-full", "write:9+:ENOSPC:/units/", 1, ".g2.bin", "No space left on device"),
+    ("writeback-enospc", "write:14:ENOSPC:/units/", 1, ".g2.bin", "No space left on device"),
+    ("writeback-fsync-eio", "fsync:15:EIO:/units/", 1, ".g2.bin", "Input/output error"),
+    ("disk-stays-full", "write:13+:ENOSPC:/units/", 1, ".g2.bin", "No space left on device"),
     ("read-eio", "read:7:EIO:/units/", None, "/units/", "Input/output error"),
     ("commit-units-dir-fsync-eio", "fsync:3:EIO:/units$", 1, "/units", "Input/output error"),
     ("commit-manifest-write-enospc", "write:3:ENOSPC:manifest.json.tmp", 1, "manifest.json.tmp", "No space left on device"),

@@ -52,7 +52,8 @@ def test_unit_bytes_match_the_working_store(tmp_path, tied):
 def test_replay_matches_the_scheduler(tmp_path, tied, budget, commit_every):
     """Reads per step, peak resident bytes and the staging pool's footprint, exactly."""
     model = make_tiny_model(tmp_path, "llama", tied=tied)
-    spec = ModelSpec.from_config(tiny_config("llama", tied=tied).to_dict())
+    # A budget makes the runtime cut blocks in two (Runtime._wants_split); the replay must know.
+    spec = ModelSpec.from_config(tiny_config("llama", tied=tied).to_dict(), split=budget is not None)
     sim = simulate(spec, budget, depth=2, steps=3, commit_every=commit_every)
     if not sim.feasible:  # the runtime refuses such a budget before the first step
         with pytest.raises(DoesNotFit):
@@ -151,7 +152,9 @@ def test_plan_json_contract_from_config_alone(tmp_path, capsys):
     for key in ("fits", "peak_device_bytes", "peak_host_bytes", "nvme_bytes", "io_bytes_per_step",
                 "est_step_time_s", "placement"):
         assert key in p
-    assert p["fits"] and set(p["placement"]) == {"embed", "head", *(f"block.{i}" for i in range(32))}
+    # Under a budget the runtime cuts each block in two (block.i and block.i.mlp): so does the plan.
+    assert p["fits"] and set(p["placement"]) == {"embed", "head", *(f"block.{i}" for i in range(32)),
+                                                 *(f"block.{i}.mlp" for i in range(32))}
     code, out, _ = _cli(capsys, "plan", "--model", str(LLAMA_7B), "--memory-budget", "8GiB")
     assert code == 0 and "AdamW, all in memory" in out
 
@@ -280,7 +283,7 @@ def test_replay_matches_an_independent_replay_and_measured_reads(tmp_path, tied,
             assert sim.reads_per_step == independent
     if not sim.feasible:
         return
-    with Runtime(model, rule=SGD(lr=1e-3), work_dir=tmp_path / "w", weights_budget=budget, prefetch_depth=depth,
+    with Runtime(model, rule=SGD(lr=1e-3), work_dir=tmp_path / "w", weights_budget=budget, prefetch_depth=depth, split_blocks=False,
                  commit_every=1) as rt:
         calls = []
         real_read = rt.store.read_unit

@@ -14,14 +14,18 @@ Invariants:
 - A tied model has no separate `lm_head.weight`: `expected_shapes` omits it
   and `tied_pairs` maps it to the input embedding.
 - Units are `embed`, `block.0` .. `block.{L-1}`, `head`, in forward order;
-  every expected tensor belongs to exactly one.
+  every expected tensor belongs to exactly one. With `split=True` each block's
+  MLP (its `mlp` / `feed_forward` child) is a unit of its own, `block.{i}.mlp`,
+  listed right after `block.{i}`: a segment nested in the block's (segments.py),
+  so a tight weights budget can load one half of a block while the other
+  computes. A tensor belongs to the unit of the longest segment path it is under.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import UserError
 
@@ -200,18 +204,21 @@ class Architecture:
         return {"lm_head.weight": self.embed_weight} if self.tied(config) else {}
 
     # --- names and units --------------------------------------------------
-    def unit_names(self, config: Mapping[str, Any]) -> list[str]:
-        """Units in forward order: `embed`, `block.0` .. `block.{L-1}`, `head`."""
-        return ["embed", *(f"block.{i}" for i in range(self.dims(config).num_layers)), "head"]
+    def unit_names(self, config: Mapping[str, Any], split: bool = False) -> list[str]:
+        """Units in forward order: `embed`, `block.0` .. `block.{L-1}`, `head` (split: each
+        `block.{i}` followed by its `block.{i}.mlp`)."""
+        return _unit_names(self.segments(config, split))
 
-    def segments(self, config: Mapping[str, Any]) -> list[tuple[str, str]]:
-        """(module path in the HF model, unit name) in forward call order."""
+    def segments(self, config: Mapping[str, Any], split: bool = False) -> list[tuple[str, str]]:
+        """(module path in the HF model, unit name) in forward call order (a nested MLP segment
+        right after its block's)."""
         layers = self.dims(config).num_layers
-        return [
+        segments = [
             *((m, "embed") for m in self.embed_modules),
             *((f"{self.block_modules}.{i}", f"block.{i}") for i in range(layers)),
             *((m, "head") for m in self.head_modules),
         ]
+        return _split_mlp(segments, self.expected_shapes(config)) if split else segments
 
     def expected_shapes(self, config: Mapping[str, Any]) -> dict[str, Shape]:
         """Every tensor a checkpoint must hold, canonical name -> shape, in unit order.
@@ -228,13 +235,10 @@ class Architecture:
             del out[alias]
         return out
 
-    def unit_of(self, tensor_name: str, config: Mapping[str, Any]) -> str:
+    def unit_of(self, tensor_name: str, config: Mapping[str, Any], split: bool = False) -> str:
         """The unit that owns canonical `tensor_name` (a tied alias resolves to its embedding's unit)."""
         name = self.tied_pairs(config).get(tensor_name, tensor_name)
-        for module, unit in self.segments(config):
-            if name.startswith(module + "."):
-                return unit
-        raise ValueError(f"tensor {tensor_name!r} belongs to no unit of a {self.name} model")
+        return _owner(name, self.segments(config, split), tensor_name, self.name)
 
     def lm_head_path(self, config: Mapping[str, Any]) -> str:
         """The module path of the output embeddings (the tied alias's module when tied)."""
@@ -276,6 +280,46 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         buffers=(r"transformer\.h\.\d+\.attn\.(?:bias|masked_bias)",),
     ),
 )
+
+
+
+# --- blocks split in two (split=True) -------------------------------------------------------------
+MLP_CHILDREN = ("mlp", "feed_forward", "block_sparse_moe")
+"""Names of a decoder layer's MLP child in transformers' families (Llama, Qwen, GPT-2, GPT-NeoX:
+`mlp`; Llama 4 and some others: `feed_forward`; older Mixtral: `block_sparse_moe`)."""
+
+
+def _split_mlp(segments: list[tuple[str, str]], shapes: Mapping[str, Shape]) -> list[tuple[str, str]]:
+    """`segments` with each block's MLP child as a unit of its own, right after the block's segment.
+    A block whose layer has no MLP child with parameters stays whole."""
+    modules = {name.rsplit(".", k)[0] for name in shapes for k in range(1, name.count(".") + 1)}
+    out = []
+    for path, unit in segments:
+        out.append((path, unit))
+        child = next((c for c in MLP_CHILDREN if f"{path}.{c}" in modules), None) if unit.startswith("block.") else None
+        if child is not None:
+            out.append((f"{path}.{child}", f"{unit}.mlp"))
+    return out
+
+
+def assign_units(arch: Any, names: Iterable[str], config: Mapping[str, Any], split: bool = False) -> dict[str, str]:
+    """Canonical tensor name -> its unit, for many names at once (`unit_of` for each, with the
+    segments worked out once)."""
+    segments = arch.segments(config, split)
+    tied = arch.tied_pairs(config)
+    return {name: _owner(tied.get(name, name), segments, name, arch.name) for name in names}
+
+
+def _unit_names(segments: list[tuple[str, str]]) -> list[str]:
+    return list(dict.fromkeys(unit for _, unit in segments))
+
+
+def _owner(name: str, segments: list[tuple[str, str]], asked: str, family: str) -> str:
+    """The unit of the longest segment path `name` is under."""
+    best = max(((len(path), unit) for path, unit in segments if name.startswith(path + ".")), default=None)
+    if best is None:
+        raise ValueError(f"tensor {asked!r} belongs to no unit of a {family} model")
+    return best[1]
 
 
 def supported_model_types() -> list[str]:
@@ -391,16 +435,17 @@ class DerivedArchitecture:
     def tied_pairs(self, config: Mapping[str, Any]) -> dict[str, str]:
         return dict(self._layout(config).tied)
 
-    def unit_names(self, config: Mapping[str, Any]) -> list[str]:
-        return ["embed", *(f"block.{i}" for i in range(self._layout(config).num_layers)), "head"]
+    def unit_names(self, config: Mapping[str, Any], split: bool = False) -> list[str]:
+        return _unit_names(self.segments(config, split))
 
-    def segments(self, config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    def segments(self, config: Mapping[str, Any], split: bool = False) -> list[tuple[str, str]]:
         lay = self._layout(config)
-        return [
+        segments = [
             *((m, "embed") for m in lay.embed_modules),
             *((f"{lay.block_modules}.{i}", f"block.{i}") for i in range(lay.num_layers)),
             *((m, "head") for m in lay.head_modules),
         ]
+        return _split_mlp(segments, lay.shapes) if split else segments
 
     def lm_head_path(self, config: Mapping[str, Any]) -> str:
         return self._layout(config).head_modules[-1]
@@ -408,12 +453,9 @@ class DerivedArchitecture:
     def expected_shapes(self, config: Mapping[str, Any]) -> dict[str, Shape]:
         return dict(self._layout(config).shapes)
 
-    def unit_of(self, tensor_name: str, config: Mapping[str, Any]) -> str:
+    def unit_of(self, tensor_name: str, config: Mapping[str, Any], split: bool = False) -> str:
         name = self._layout(config).tied.get(tensor_name, tensor_name)
-        for module, unit in self.segments(config):
-            if name.startswith(module + "."):
-                return unit
-        raise ValueError(f"tensor {tensor_name!r} belongs to no unit of a {self.name} model")
+        return _owner(name, self.segments(config, split), tensor_name, self.name)
 
     def is_buffer(self, tensor_name: str) -> bool:
         return tensor_name in self._seen_buffers or self._buffer_re.fullmatch(tensor_name) is not None

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import UserError
-from .architectures import Architecture, architecture_for
+from .architectures import Architecture, architecture_for, assign_units
 from .safetensors_file import TensorEntry, read_header, read_tensor_data
 
 CONFIG_NAME = "config.json"
@@ -134,6 +134,14 @@ class Checkpoint:
         self.units = units
         self.files = files
         self.conversion = conversion  # architectures.Conversion where transformers renames or merges file tensors
+        self.split = any(u.name.endswith(".mlp") for u in units)  # blocks cut in two (architectures.py)
+
+    def with_split(self, split: bool) -> "Checkpoint":
+        """This checkpoint with its blocks cut in two (`block.{i}` and `block.{i}.mlp`) or whole."""
+        if split == self.split:
+            return self
+        units = _units(self.arch, self.config, self.tensors, split)
+        return Checkpoint(self.dir, self.config, self.arch, self.tensors, units, self.files, self.conversion)
 
     @classmethod
     def open(cls, model_dir: str | os.PathLike[str]) -> "Checkpoint":
@@ -219,11 +227,7 @@ class Checkpoint:
                 raise UserError(f"{loc.path}: tensor '{loc.entry.name}': not part of a {arch.name} model per {config_path}")
 
         tensors = {name: found[name] for name in expected}  # canonical, unit order
-        units = [UnitSpec(u) for u in arch.unit_names(config)]
-        by_name = {u.name: u for u in units}
-        for name in tensors:
-            by_name[arch.unit_of(name, config)].tensor_names.append(name)
-        return cls(model_dir, config, arch, tensors, units, files, conversion)
+        return cls(model_dir, config, arch, tensors, _units(arch, config, tensors), files, conversion)
 
     def resolve(self, name: str) -> str:
         """The canonical name for `name` (tied aliases and alternative spellings resolved); `KeyError` if unknown."""
@@ -256,6 +260,15 @@ class Checkpoint:
     def nbytes(self) -> int:
         """Bytes on disk of all tensors (a stored tied lm_head copy not counted)."""
         return sum(loc.entry.nbytes for loc in self.tensors.values())
+
+
+def _units(arch: Any, config: dict[str, Any], tensors: dict[str, Any], split: bool = False) -> list[UnitSpec]:
+    """The units of `tensors` (canonical names, unit order), each with its tensors in that order."""
+    units = [UnitSpec(u) for u in arch.unit_names(config, split)]
+    by_name = {u.name: u for u in units}
+    for name, unit in assign_units(arch, tensors, config, split).items():
+        by_name[unit].tensor_names.append(name)
+    return units
 
 
 def _merged_location(target: str, sources: dict[str, list[TensorLocation]], conversion: Any) -> MergedLocation:

@@ -63,7 +63,7 @@ def weights_budget_for_memory(runtime: Any, memory_budget: int, seq_len: int | N
                     device=device, memory_budget=memory_budget,
                     master_weights=runtime.master_weights, grad_accumulation=runtime.grad_accumulation,
                     row_updates=runtime.row_updates,
-                    heap_keep=runtime.heap_keep, heap_trim=runtime._trim,
+                    heap_keep=runtime.heap_keep, heap_trim=runtime._trim, split_blocks=runtime.checkpoint.split,
                     **({} if runtime.parallel is None else {"nproc": runtime.parallel.world, "parallel": runtime.parallel.mode}))
     p = plan(spec, run, machine)
     if not p.fits:

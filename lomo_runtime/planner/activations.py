@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..head import RowChunkedLinear, rows_per_chunk
+from ..loss import install as install_loss
 from ..segments import Segment, SegmentHooks, wrap_segment
 from ..skeleton import attention_for
 from .spec import DTYPES, ModelSpec
@@ -147,6 +148,7 @@ def _trace(spec: ModelSpec, batch: int, seq_len: int, layers: int, fake: bool = 
         torch.set_default_dtype(dtype)
         try:
             model = AutoModelForCausalLM.from_config(hf, attn_implementation=attention_for(hf))
+            install_loss(model)  # the runtime's loss (loss.py)
         finally:
             torch.set_default_dtype(default)
         model.train()

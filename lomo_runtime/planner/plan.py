@@ -187,7 +187,7 @@ def plan(model: ModelSpec | dict[str, Any], run: RunConfig, machine: Machine) ->
     config = model.config if isinstance(model, ModelSpec) else model
     # Always sized from the run: dtype, rule, master weights and accumulation buffers all change unit bytes.
     spec = ModelSpec.from_config(config, run.dtype, run.rule, master_weights=run.master_weights,
-                                 grad_accumulation=run.grad_accumulation)
+                                 grad_accumulation=run.grad_accumulation, split=run.split)
     max_pos = spec.dims.max_positions
     if run.seq_len > max_pos:
         raise UserError(f"seq_len {run.seq_len} exceeds the model's {max_pos} positions")

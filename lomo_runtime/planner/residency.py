@@ -24,29 +24,38 @@ for each unit size, the most units of that size ever resident at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ..segments import access_sequences
 from .spec import ModelSpec
 
 NEVER = 1 << 60
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class SegmentUse:
-    """One segment: the unit that owns it and the units it reads."""
+    """One segment: the unit that owns it and the units it reads; a block's MLP segment (blocks
+    split in two) is nested in the block's."""
 
     owner: str
     needs: tuple[str, ...]
+    path: str = ""
+    parent: "SegmentUse | None" = None
+    children: list["SegmentUse"] = field(default_factory=list)
 
 
 def segment_uses(spec: ModelSpec) -> list[SegmentUse]:
     """Segments in forward order with the units each needs (owner first), as `Runtime._build_segments`."""
-    uses = []
-    for path, owner in spec.arch.segments(spec.config):
+    uses: list[SegmentUse] = []
+    for path, owner in spec.arch.segments(spec.config, spec.split):
         needs = [owner]
         if spec.dims.tied and path == spec.arch.lm_head_path(spec.config):
             needs.append("embed")  # lm_head.weight is the embedding
-        uses.append(SegmentUse(owner, tuple(needs)))
+        parent = next((u for u in reversed(uses) if path.startswith(u.path + ".")), None)
+        use = SegmentUse(owner, tuple(needs), path, parent)
+        if parent is not None:
+            parent.children.append(use)
+        uses.append(use)
     return uses
 
 
@@ -76,8 +85,9 @@ def simulate(spec: ModelSpec, budget: int | None, depth: int = 2, steps: int = 3
     committing after every `commit_every`-th step."""
     sizes = {u.name: u.nbytes for u in spec.units}
     segs = segment_uses(spec)
-    forward = [n for s in segs for n in s.needs]
-    sequence = forward + [n for s in reversed(segs) for n in s.needs]
+    top = [s for s in segs if s.parent is None]
+    forward, backward = access_sequences(segs)
+    sequence = forward + backward
     positions: dict[str, list[int]] = {}
     for pos, name in enumerate(sequence):
         positions.setdefault(name, []).append(pos)
@@ -202,13 +212,23 @@ def simulate(spec: ModelSpec, budget: int | None, depth: int = 2, steps: int = 3
         reads.append(0)
         read_bytes.append(0)
         read_names = set()
-        for seg in segs:  # forward
+        for seg in top:  # forward: a nested segment runs inside its parent's
             blocked = acquire(seg.needs)
+            for child in seg.children:
+                blocked = blocked or acquire(child.needs)
+                release(child.needs)
             if blocked:
                 return Residency(False, reads, read_bytes, peak, pool_peak, [], blocked)
             release(seg.needs)
-        for seg in reversed(segs):  # backward: recompute, gradients, fused update
+        for seg in reversed(top):  # backward: recompute, gradients, fused update
             blocked = acquire(seg.needs)
+            for child in seg.children:  # the recompute's forward keeps the nested segments' graphs
+                blocked = blocked or acquire(child.needs)
+            for child in reversed(seg.children):  # their backward: updated, released twice, settled
+                blocked = blocked or acquire(child.needs)
+                release(child.needs)
+                release(child.needs)
+                finish(child.owner, commit_due)
             if blocked:
                 return Residency(False, reads, read_bytes, peak, pool_peak, [], blocked)
             if seg.owner != "embed" and "embed" in seg.needs:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..checkpoint.architectures import Architecture, ModelDims, architecture_for
+from ..checkpoint.architectures import Architecture, ModelDims, architecture_for, assign_units
 from ..errors import UserError
 from ..io import align_up
 
@@ -89,6 +89,7 @@ class ModelSpec:
     dtype: str
     rule: str
     units: tuple[UnitSpec, ...]
+    split: bool = False  # blocks cut in two: block.{i} and block.{i}.mlp (architectures.py)
 
     @property
     def params(self) -> int:
@@ -109,14 +110,15 @@ class ModelSpec:
     @classmethod
     def from_config(cls, config: Mapping[str, Any], dtype: str = "fp32", rule: str = "sgd",
                     path: str = "config.json", master_weights: bool = False,
-                    grad_accumulation: bool = False) -> "ModelSpec":
+                    grad_accumulation: bool = False, split: bool = False) -> "ModelSpec":
         """Units and their exact byte sizes from a `config.json` dict (no weights needed)."""
         arch = architecture_for(config, path)
         dims = arch.dims(config, path)
         itemsize = DTYPES[dtype_name(dtype)].itemsize
-        by_unit: dict[str, dict[str, tuple[int, ...]]] = {n: {} for n in arch.unit_names(config)}
-        for name, shape in arch.expected_shapes(config).items():
-            by_unit[arch.unit_of(name, config)][name] = tuple(shape)
+        by_unit: dict[str, dict[str, tuple[int, ...]]] = {n: {} for n in arch.unit_names(config, split)}
+        shapes = arch.expected_shapes(config)
+        for name, unit in assign_units(arch, shapes, config, split).items():
+            by_unit[unit][name] = tuple(shapes[name])
         units = tuple(
             UnitSpec(
                 name=name,
@@ -128,7 +130,7 @@ class ModelSpec:
             )
             for name, tensors in by_unit.items()
         )
-        return cls(dict(config), arch, dims, dtype_name(dtype), rule, units)
+        return cls(dict(config), arch, dims, dtype_name(dtype), rule, units, split)
 
 
 @dataclass
@@ -170,6 +172,9 @@ class RunConfig:
     """The input embedding's gradient is the rows a batch used (`Runtime.row_updates_exact`); None:
     where exact with the default weight decay of 0 (sgd, fp32, untied, no accumulation)."""
 
+    split_blocks: bool | None = None
+    """Each block's MLP a unit of its own (`Runtime(split_blocks=)`); None: as the runtime chooses
+    for a new store, when a memory or weights budget is given."""
     commit_every: int = 10
     """Steps between commits (`--commit-every`; the runtime's default is 10). Units that stay
     resident are written only at a commit; streamed ones whenever they leave memory updated."""
@@ -178,6 +183,13 @@ class RunConfig:
     parallel: str | None = None
     """With nproc > 1: "replicate" (every rank stores the model) or "shard" (1/W of every unit
     per rank, gathered on read); gradients all-reduced in both."""
+
+    @property
+    def split(self) -> bool:
+        """Blocks cut in two (`Runtime._wants_split`)."""
+        if self.split_blocks is not None:
+            return self.split_blocks
+        return self.memory_budget is not None or self.weights_budget is not None
 
     def check(self) -> None:
         if self.nproc < 1:
