@@ -601,7 +601,8 @@ def main() -> None:
     for method in args.methods.split(","):
         if method in previous:
             row = next(r for r in old["results"] if r["method"] == method)
-            row = {**row, "label": row["label"] + f" (previous run, {old.get('date', 'earlier')}; not re-run)"}
+            if "(previous run" not in row["label"]:  # carried over twice: keep the date of the run that measured it
+                row = {**row, "label": row["label"] + f" (previous run, {old.get('date', 'earlier')}; not re-run)"}
             results.append(row)
             continue
         result = run_method(args, method, out)
