@@ -218,7 +218,7 @@ class Runtime(SegmentHooks):
         # Freed heap kept mapped for reuse between units (memory.release_freed_heap); the planner adds it.
         self.heap_keep = parse_size(heap_keep, "heap_keep") if heap_keep else 0
         # When freed heap goes back to the OS: "step", twice a step (before the head's forward, where
-        # the logits and their gradient make the step's peak, and after backward); "unit", after every
+        # the logits and their gradient make the step's peak, and before the embedding's backward); "unit", after every
         # unit's forward and backward (lowest RSS between units, most page faults). Measured on the
         # demo model (SmolLM2-135M, 8 x 128 tokens, 2 cores): all resident 6.2 s against 7.2 s a step,
         # peak RSS 1.586 against 1.582 GiB; streamed at a quarter 7.2-7.8 s against 8.6-9.0 s, peak
