@@ -202,3 +202,16 @@ def test_install_replaces_only_the_default_loss():
     mine = AutoModelForCausalLM.from_config(tiny_config("llama"))
     mine.loss_function = lambda *a, **k: None
     assert not install(mine)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (tools/gpu_session.sh runs it on a lent GPU)")
+def test_cross_entropy_is_bit_identical_to_torch_on_cuda():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(1024, 49152, device="cuda", generator=gen) * 4).requires_grad_()
+    target = torch.randint(0, 49152, (1024,), device="cuda", generator=gen)
+    target[::7] = -100
+    expected = torch.nn.functional.cross_entropy(logits, target)
+    (grad_expected,) = torch.autograd.grad(expected, logits)
+    got = cross_entropy(logits, target)
+    (grad_got,) = torch.autograd.grad(got, logits)
+    assert torch.equal(got, expected) and torch.equal(grad_got, grad_expected)
