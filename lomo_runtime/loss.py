@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 BLOCK_BYTES = 16 * 2**20  # fp32 bytes of one block of log-probabilities (rows x vocab)
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_REDUCTIONS = {"mean": 1, "sum": 2}  # torch's Reduction enum values
 
 
 class CrossEntropy(torch.autograd.Function):

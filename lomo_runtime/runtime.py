@@ -64,7 +64,7 @@ from .native import rounding_seed, stochastic_round_bf16
 from .progress import SilentStream, WorkProgress
 from .rules import SGD, UpdateContext, UpdateRule, row_updates_exact
 from .scheduler import Scheduler, Unit, UnitState
-from .segments import KeptGraph, Segment, SegmentHooks, access_sequences, wrap_segment
+from .segments import KeptGraph, Segment, SegmentHooks, access_sequences, parent_indices, wrap_segment
 from .sizes import format_size, parse_size
 from .head import RowChunkedLinear, rows_per_chunk
 from .lora import LoraAdapters, LoraSettings
@@ -602,15 +602,15 @@ class Runtime(SegmentHooks):
         segments: list[Segment] = []
         paths = list(self.checkpoint.arch.segments(self.checkpoint.config, self.checkpoint.split))
         last_owner = paths[-1][1]
-        nested = {path for path, _ in paths if any(path.startswith(other + ".") for other, _ in paths)}
-        for path, owner in paths:
+        parents = parent_indices([path for path, _ in paths])
+        for index, (path, owner) in enumerate(paths):
             module = self.model.get_submodule(path)
             # A block's MLP segment sits inside the block's: the block's own parameters are the rest.
-            inner = {id(p) for other in nested if other.startswith(path + ".")
+            inner = {id(p) for (other, _), up in zip(paths, parents) if up == index
                      for p in self.model.get_submodule(other).parameters()}
             params = [p for p in module.parameters() if id(p) not in inner]
             needs = [owner] + sorted({self._params[p].unit.name for p in params} - {owner})
-            parent = next((s for s in reversed(segments) if path.startswith(s.path + ".")), None) if path in nested else None
+            parent = None if parents[index] is None else segments[parents[index]]
             # The last unit (final norm, lm_head) is used again right after its forward: keep its graph
             # rather than recompute the lm_head matmul (segments.py). A nested MLP segment keeps its
             # graph too: it runs with grad only inside its block's recompute, whose backward follows.

@@ -63,6 +63,13 @@ class Segment:
     children: list["Segment"] = field(default_factory=list, repr=False)  # segments nested in this one
 
 
+def parent_indices(paths: list[str]) -> list[int | None]:
+    """For each segment path (in call order), the index of the segment it runs inside: the nearest
+    earlier path it lies under (a block's MLP under its block), or None for a top-level one."""
+    return [next((j for j in range(i - 1, -1, -1) if path.startswith(paths[j] + ".")), None)
+            for i, path in enumerate(paths)]
+
+
 def access_sequences(segments: list[Segment]) -> tuple[list[str], list[str]]:
     """The order in which a training step's forward and backward acquire units.
 

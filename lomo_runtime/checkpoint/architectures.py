@@ -237,8 +237,7 @@ class Architecture:
 
     def unit_of(self, tensor_name: str, config: Mapping[str, Any], split: bool = False) -> str:
         """The unit that owns canonical `tensor_name` (a tied alias resolves to its embedding's unit)."""
-        name = self.tied_pairs(config).get(tensor_name, tensor_name)
-        return _owner(name, self.segments(config, split), tensor_name, self.name)
+        return assign_units(self, [tensor_name], config, split)[tensor_name]
 
     def lm_head_path(self, config: Mapping[str, Any]) -> str:
         """The module path of the output embeddings (the tied alias's module when tied)."""
@@ -280,7 +279,6 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         buffers=(r"transformer\.h\.\d+\.attn\.(?:bias|masked_bias)",),
     ),
 )
-
 
 
 # --- blocks split in two (split=True) -------------------------------------------------------------
@@ -454,8 +452,7 @@ class DerivedArchitecture:
         return dict(self._layout(config).shapes)
 
     def unit_of(self, tensor_name: str, config: Mapping[str, Any], split: bool = False) -> str:
-        name = self._layout(config).tied.get(tensor_name, tensor_name)
-        return _owner(name, self.segments(config, split), tensor_name, self.name)
+        return assign_units(self, [tensor_name], config, split)[tensor_name]
 
     def is_buffer(self, tensor_name: str) -> bool:
         return tensor_name in self._seen_buffers or self._buffer_re.fullmatch(tensor_name) is not None

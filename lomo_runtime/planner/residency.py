@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..segments import access_sequences
+from ..segments import access_sequences, parent_indices
 from .spec import ModelSpec
 
 NEVER = 1 << 60
@@ -39,7 +39,6 @@ class SegmentUse:
 
     owner: str
     needs: tuple[str, ...]
-    path: str = ""
     parent: "SegmentUse | None" = None
     children: list["SegmentUse"] = field(default_factory=list)
 
@@ -47,12 +46,13 @@ class SegmentUse:
 def segment_uses(spec: ModelSpec) -> list[SegmentUse]:
     """Segments in forward order with the units each needs (owner first), as `Runtime._build_segments`."""
     uses: list[SegmentUse] = []
-    for path, owner in spec.arch.segments(spec.config, spec.split):
+    paths = spec.arch.segments(spec.config, spec.split)
+    for (path, owner), up in zip(paths, parent_indices([path for path, _ in paths])):
         needs = [owner]
         if spec.dims.tied and path == spec.arch.lm_head_path(spec.config):
             needs.append("embed")  # lm_head.weight is the embedding
-        parent = next((u for u in reversed(uses) if path.startswith(u.path + ".")), None)
-        use = SegmentUse(owner, tuple(needs), path, parent)
+        parent = None if up is None else uses[up]
+        use = SegmentUse(owner, tuple(needs), parent)
         if parent is not None:
             parent.children.append(use)
         uses.append(use)
