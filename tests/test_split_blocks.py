@@ -154,6 +154,21 @@ def test_replay_of_split_blocks_matches_the_scheduler(tmp_path, tied, extra):
         assert rt.pool.peak_bytes == sim.pool_bytes
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_the_announced_access_order_is_the_order_units_are_acquired(tmp_path, split):
+    """Belady and prefetch plan from `access_sequences`: it must be the order in which a step really
+    acquires units (recorded at the scheduler), nested MLP segments included."""
+    model_dir = make_tiny_model(tmp_path, "llama", tied=True)
+    with Runtime(model_dir, SGD(lr=0.05), work_dir=tmp_path / "w", weights_budget=1 << 30, split_blocks=split) as rt:
+        acquired: list[str] = []
+        real_acquire = rt.scheduler.acquire
+        rt.scheduler.acquire = lambda names: (acquired.extend(names), real_acquire(names))[1]
+        ids = _batches(1)[0]
+        rt.backward(rt.model(input_ids=ids, labels=ids).loss)
+        assert acquired == rt._train_sequence
+        assert ("block.0.mlp" in acquired) == split
+
+
 def test_checkpoint_split_units_cover_every_tensor_once(tmp_path):
     ckpt = Checkpoint.open(make_tiny_model(tmp_path, "qwen2", tied=False))
     split = ckpt.with_split(True)
