@@ -35,11 +35,16 @@ caches). The parent prints a markdown table, writes JSON and a PNG (loss and
 memory over training time), and with `--write-md` rewrites BENCHMARKS.md.
 
 The ratios that matter (lomo-run against lomo-optim, streamed against
-resident) are measured in alternation: with `--rounds R` the methods lomo,
-resident and streamed run R times in turn (lomo, resident, streamed, lomo, ...;
-later rounds skip the eval), each row's tokens/s is the median over its rounds,
-and each ratio is the median of the per-round ratios. This machine is shared and
-noisy; alternating keeps a slow minute from landing on one method only.
+resident) are measured in lock-step (`--interleave step`, the default): lomo,
+resident and streamed run as three processes alive at once that take turns one
+step at a time (the order rotating every step), so only one computes at any
+moment and step k of each lands within seconds of the others'. Each ratio is
+the median over all timed steps of the per-step time ratio. This machine is
+shared and noisy (a step's time moves by 10-30% from one minute to the next);
+whole runs in turn (`--interleave run`: lomo, resident, streamed, lomo, ...,
+each ratio the median of per-round ratios) let a slow minute land on one
+method only. `--rounds R` repeats either (later rounds skip the eval); each
+row's tokens/s is the median over its rounds.
 `--previous METHOD` copies a method's row from the last run's JSON, marked as
 such, instead of running it (DeepSpeed needs a 7.5-minute async-I/O build).
 
@@ -333,7 +338,9 @@ def run_worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    gate = _Gate(args.lockstep_fd)
     tokenizer, batches, evaluation = _data(args)
+    gate.wait()  # setup
     started = time.perf_counter()
     setup = {
         "adamw": _setup_adamw, "lomo": _setup_lomo, "deepspeed": _setup_deepspeed,
@@ -342,10 +349,12 @@ def run_worker(args) -> None:
     method = setup(args)
     setup_s = time.perf_counter() - started
     setup_peak = peak_rss_bytes()
+    gate.done()
     steps = []
     train_started = time.perf_counter()
     for index in range(args.steps):
         ids, labels = next(batches)
+        gate.wait()
         reset_peak_rss()
         t0 = time.perf_counter()
         loss = method.step(index, ids, labels)
@@ -354,8 +363,10 @@ def run_worker(args) -> None:
                       "peak_rss_bytes": peak_rss_bytes(), "rss_bytes": current_rss_bytes()})
         print(f"[{args.worker}] step {index + 1}/{args.steps} loss {loss:.4f} {elapsed:.2f} s "
               f"peak {steps[-1]['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+        gate.done()
     tokens = args.batch_size * args.seq_len
     timed = [s["step_s"] for s in steps[1:]] or [steps[0]["step_s"]]
+    gate.wait()  # evaluation
     t0 = time.perf_counter()
     model = method.model
     if hasattr(model, "eval"):
@@ -375,6 +386,24 @@ def run_worker(args) -> None:
         "info": method.info,
     }
     Path(args.result).write_text(json.dumps(result, indent=1, default=str))
+    gate.done()
+
+
+class _Gate:
+    """A worker's turn in lock-step runs (`--interleave step`): `wait` blocks until the parent
+    says go (a line on stdin), `done` tells it the phase is over (a byte on the ack pipe).
+    Without a pipe (`--interleave run`) both are no-ops."""
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+    def wait(self) -> None:
+        if self.fd is not None and not sys.stdin.readline():
+            sys.exit("lock-step parent went away")
+
+    def done(self) -> None:
+        if self.fd is not None:
+            os.write(self.fd, b".")
 
 
 # =========================================================================== parent (all methods)
@@ -407,8 +436,10 @@ def _report(method: str, result: dict, note: str = "") -> None:
     print(f"{method}{note}: {status} ({result['wall_s']:.0f} s)", flush=True)
 
 
-def _alternation(rounds: dict[str, list[dict]]) -> dict:
-    """Median tokens/s per alternated method, and the median of per-round ratios."""
+def _alternation(rounds: dict[str, list[dict]], per_step: bool = False) -> dict:
+    """Median tokens/s per alternated method over rounds, and each ratio: the median of the
+    per-round ratios, or with `per_step` (lock-step runs) the median over every timed step k of
+    every round of (den's step k time) / (num's step k time)."""
     ok = {m: [r for r in rs if "error" not in r] for m, rs in rounds.items() if m in ALTERNATED}
     tps = {m: statistics.median(r["tokens_per_s"] for r in rs) for m, rs in ok.items() if rs}
     ratios = {}
@@ -418,30 +449,87 @@ def _alternation(rounds: dict[str, list[dict]]) -> dict:
         if pairs:
             per_round = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs]
             ratios[name] = {"median": statistics.median(per_round), "rounds": per_round}
-    return {"tokens_per_s": tps, "ratios": ratios}
+            if per_step:
+                steps = [sb["step_s"] / sa["step_s"] for a, b in pairs for sa, sb in zip(a["steps"][1:], b["steps"][1:])]
+                ratios[name].update(median=statistics.median(steps), steps=steps,
+                                    quartiles=statistics.quantiles(steps, n=4) if len(steps) > 1 else steps * 3)
+    return {"tokens_per_s": tps, "ratios": ratios, "per_step": per_step}
 
 
-def run_method(args, method: str, out: Path, tag: str = "") -> dict:
-    result_file = out / f"{method}{tag}.json"
-    result_file.unlink(missing_ok=True)
-    cmd = [sys.executable, __file__, "--worker", method, "--result", str(result_file), "--scratch", str(out / "scratch"),
-           "--model", args.model, "--data", args.data, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
-           "--batch-size", str(args.batch_size), "--eval", str(args.eval), "--lr", str(args.lr),
-           "--adamw-lr", str(args.adamw_lr), "--warmup-steps", str(args.warmup_steps), "--threads", str(args.threads), "--port", str(args.port)]
-    log = out / f"{method}{tag}.log"
-    started = time.perf_counter()
-    with log.open("w") as handle:
-        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
-                              timeout=args.timeout if args.timeout > 0 else None)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0 or not result_file.exists():
+def _worker_cmd(args, method: str, out: Path, result_file: Path) -> list[str]:
+    return [sys.executable, __file__, "--worker", method, "--result", str(result_file), "--scratch", str(out / "scratch"),
+            "--model", args.model, "--data", args.data, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
+            "--batch-size", str(args.batch_size), "--eval", str(args.eval), "--lr", str(args.lr),
+            "--adamw-lr", str(args.adamw_lr), "--warmup-steps", str(args.warmup_steps), "--threads", str(args.threads),
+            "--port", str(args.port)]
+
+
+def _collect(method: str, returncode: int, result_file: Path, log: Path, wall: float) -> dict:
+    if returncode != 0 or not result_file.exists():
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         error = next((ln for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[-1] if lines else "")
-        return {"method": method, "label": LABELS[method], "error": error.strip()[:400], "returncode": proc.returncode,
+        return {"method": method, "label": LABELS[method], "error": error.strip()[:400], "returncode": returncode,
                 "wall_s": wall, "log": str(log)}
     result = json.loads(result_file.read_text())
     result["wall_s"] = wall
     return result
+
+
+def run_method(args, method: str, out: Path, tag: str = "") -> dict:
+    """One method on its own, start to end."""
+    result_file = out / f"{method}{tag}.json"
+    result_file.unlink(missing_ok=True)
+    log = out / f"{method}{tag}.log"
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        proc = subprocess.run(_worker_cmd(args, method, out, result_file), stdout=handle, stderr=subprocess.STDOUT,
+                              cwd=REPO, timeout=args.timeout if args.timeout > 0 else None)
+    return _collect(method, proc.returncode, result_file, log, time.perf_counter() - started)
+
+
+def run_lockstep(args, methods: list[str], out: Path, tag: str = "") -> dict[str, dict]:
+    """All `methods` alive at once, taking turns one phase at a time (setup, each step, evaluation):
+    only one computes at any moment, and step k of every method lands within seconds of the others',
+    so a slow minute on this shared machine hits them alike. The order rotates every phase."""
+    workers = {}
+    for method in methods:
+        result_file = out / f"{method}{tag}.json"
+        result_file.unlink(missing_ok=True)
+        log = out / f"{method}{tag}.log"
+        ack_r, ack_w = os.pipe()
+        handle = log.open("w")
+        proc = subprocess.Popen(_worker_cmd(args, method, out, result_file) + ["--lockstep-fd", str(ack_w)],
+                                stdin=subprocess.PIPE, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
+                                pass_fds=(ack_w,), text=True)
+        os.close(ack_w)
+        workers[method] = {"proc": proc, "ack": ack_r, "log": log, "handle": handle, "result": result_file,
+                           "busy_s": 0.0, "alive": True}
+    deadline = time.monotonic() + (args.timeout if args.timeout > 0 else float("inf"))
+    for phase in range(args.steps + 2):  # setup, steps, evaluation
+        turn = methods[phase % len(methods):] + methods[:phase % len(methods)]
+        for method in turn:
+            w = workers[method]
+            if not w["alive"]:
+                continue
+            started = time.perf_counter()
+            try:
+                w["proc"].stdin.write("go\n")
+                w["proc"].stdin.flush()
+                w["alive"] = os.read(w["ack"], 1) == b"."  # EOF: the worker failed
+            except BrokenPipeError:
+                w["alive"] = False
+            w["busy_s"] += time.perf_counter() - started
+            if time.monotonic() > deadline:
+                w["proc"].kill()
+                w["alive"] = False
+    results = {}
+    for method, w in workers.items():
+        w["proc"].stdin.close()
+        returncode = w["proc"].wait()
+        w["handle"].close()
+        os.close(w["ack"])
+        results[method] = _collect(method, returncode, w["result"], w["log"], w["busy_s"])
+    return results
 
 
 def _gib(n: float) -> str:
@@ -504,12 +592,26 @@ def _alternation_lines(args, alternation: dict) -> list[str]:
     names = {"resident_vs_lomo": "lomo-run all-resident / lomo-optim Lomo",
              "streamed_vs_lomo": "lomo-run streamed / lomo-optim Lomo",
              "streamed_vs_resident": "lomo-run streamed / lomo-run all-resident"}
-    lines = [f"tokens/s measured in alternation ({args.rounds} rounds of lomo, resident, streamed; the table's "
-             "tokens/s for these rows is the median over rounds; each ratio is the median of the per-round ratios):", ""]
+    if alternation.get("per_step"):
+        lines = [f"tokens/s measured in lock-step ({args.rounds} round(s); lomo, resident and streamed alive at once, "
+                 "one step each in turn, the order rotating every step, so step k of each lands within seconds of "
+                 "the others'). Each ratio is the median over every timed step k of (the other's step k time) / "
+                 "(this one's step k time), with its quartiles; the table's tokens/s for these rows is the median "
+                 "over rounds:", ""]
+    else:
+        lines = [f"tokens/s measured in alternation ({args.rounds} rounds of lomo, resident, streamed; the table's "
+                 "tokens/s for these rows is the median over rounds; each ratio is the median of the per-round ratios):", ""]
     for key, label in names.items():
-        if key in ratios:
-            rounds = ", ".join(f"{x:.3f}" for x in ratios[key]["rounds"])
-            lines.append(f"- {label}: **x{ratios[key]['median']:.3f}** (rounds: {rounds})")
+        if key not in ratios:
+            continue
+        r = ratios[key]
+        rounds = ", ".join(f"{x:.3f}" for x in r["rounds"])
+        if "steps" in r:
+            q1, _, q3 = r["quartiles"]
+            lines.append(f"- {label}: **x{r['median']:.3f}** over {len(r['steps'])} steps (quartiles {q1:.3f}, {q3:.3f}; "
+                         f"whole-run ratio per round: {rounds})")
+        else:
+            lines.append(f"- {label}: **x{r['median']:.3f}** (rounds: {rounds})")
     return lines + [""]
 
 
@@ -577,10 +679,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=29533)
     parser.add_argument("--write-md", action="store_true", help="rewrite BENCHMARKS.md and benchmarks/side_by_side.*")
     parser.add_argument("--rounds", type=int, default=1, help="run lomo, resident and streamed this many times, alternating")
+    parser.add_argument("--interleave", choices=("step", "run"), default="step",
+                        help="step: lomo, resident and streamed alive at once, taking turns step by step; "
+                             "run: each runs start to end in turn")
     parser.add_argument("--previous", default="", help="methods whose row is copied from the last benchmarks/side_by_side.json")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    parser.add_argument("--lockstep-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         run_worker(args)
@@ -593,29 +699,41 @@ def main() -> None:
     command = "python tools/" + Path(__file__).name + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
     zero_shot = _zero_shot(args)
     print(f"zero-shot: {zero_shot}", flush=True)
-    results = []
     previous = [m for m in args.previous.split(",") if m]
     old = json.loads((REPO / "benchmarks" / "side_by_side.json").read_text()) if previous else {}
     rounds: dict[str, list[dict]] = {}
-    alternated = [m for m in args.methods.split(",") if m in ALTERNATED]
+    alternated = [m for m in args.methods.split(",") if m in ALTERNATED and m not in previous]
+    lockstep = args.interleave == "step" and len(alternated) > 1
+    by_method: dict[str, dict] = {}
     for method in args.methods.split(","):
         if method in previous:
             row = next(r for r in old["results"] if r["method"] == method)
             if "(previous run" not in row["label"]:  # carried over twice: keep the date of the run that measured it
                 row = {**row, "label": row["label"] + f" (previous run, {old.get('date', 'earlier')}; not re-run)"}
-            results.append(row)
+            by_method[method] = row
             continue
-        result = run_method(args, method, out)
-        results.append(result)
-        rounds.setdefault(method, []).append(result)
-        _report(method, result)
+        if lockstep and method in alternated:
+            continue  # below, together
+        by_method[method] = run_method(args, method, out)
+        rounds.setdefault(method, []).append(by_method[method])
+        _report(method, by_method[method])
     later = argparse.Namespace(**{**vars(args), "eval": 0})
-    for index in range(1, args.rounds):
-        for method in alternated:
-            result = run_method(later, method, out, tag=f"-round{index + 1}")
-            rounds[method].append(result)
-            _report(method, result, f" (round {index + 1})")
-    alternation = _alternation(rounds)
+    if lockstep:
+        for index in range(args.rounds):
+            tag = f"-round{index + 1}" if index else ""
+            got = run_lockstep(later if index else args, alternated, out, tag=tag)
+            for method in alternated:
+                by_method.setdefault(method, got[method])
+                rounds.setdefault(method, []).append(got[method])
+                _report(method, got[method], f" (lock-step round {index + 1})")
+    else:
+        for index in range(1, args.rounds):
+            for method in alternated:
+                result = run_method(later, method, out, tag=f"-round{index + 1}")
+                rounds[method].append(result)
+                _report(method, result, f" (round {index + 1})")
+    results = [by_method[m] for m in args.methods.split(",") if m in by_method]
+    alternation = _alternation(rounds, per_step=lockstep)
     for r in results:
         if r["method"] in alternation["tokens_per_s"]:
             r["tokens_per_s_rounds"] = [x.get("tokens_per_s") for x in rounds[r["method"]]]
