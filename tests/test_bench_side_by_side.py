@@ -19,13 +19,15 @@ FAKE_WORKER = textwrap.dedent("""
     import json, sys, time
     sys.path.insert(0, {tools!r})
     from bench_side_by_side import _Gate
-    method, steps, fd, result, fail_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    method, steps, fd, result, fail_at, hang_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
     gate = _Gate(fd)
     spans = []
     for phase in range(steps + 2):
         gate.wait()
         if phase == fail_at:
             sys.exit("worker failed on purpose")
+        if phase == hang_at:
+            time.sleep(600)
         t0 = time.monotonic()
         time.sleep(0.02)
         spans.append([phase, t0, time.monotonic()])
@@ -36,12 +38,13 @@ FAKE_WORKER = textwrap.dedent("""
 """)
 
 
-def _fake(monkeypatch, tmp_path, fail: dict[str, int]):
+def _fake(monkeypatch, tmp_path, fail: dict[str, int], hang: dict[str, int] | None = None):
     script = tmp_path / "fake_worker.py"
     script.write_text(FAKE_WORKER.format(tools=str(ROOT / "tools")))
 
     def worker_cmd(args, method, out, result_file):
-        return _Cmd([sys.executable, str(script), method, str(args.steps)], result_file, fail.get(method, -1))
+        return _Cmd([sys.executable, str(script), method, str(args.steps)], result_file, fail.get(method, -1),
+                    (hang or {}).get(method, -1))
 
     monkeypatch.setattr(bench, "_worker_cmd", worker_cmd)
 
@@ -49,12 +52,12 @@ def _fake(monkeypatch, tmp_path, fail: dict[str, int]):
 class _Cmd(list):
     """The stand-in's command line: `+ ["--lockstep-fd", FD]` becomes its positional FD, result and failure phase."""
 
-    def __init__(self, argv, result_file, fail_at):
+    def __init__(self, argv, result_file, fail_at, hang_at):
         super().__init__(argv)
-        self.result_file, self.fail_at = result_file, fail_at
+        self.result_file, self.fail_at, self.hang_at = result_file, fail_at, hang_at
 
     def __add__(self, extra):
-        return list(self) + [extra[1], str(self.result_file), str(self.fail_at)]
+        return list(self) + [extra[1], str(self.result_file), str(self.fail_at), str(self.hang_at)]
 
 
 def test_lockstep_runs_one_phase_at_a_time_in_rotating_order(monkeypatch, tmp_path):
@@ -78,6 +81,17 @@ def test_lockstep_goes_on_when_a_worker_fails(monkeypatch, tmp_path):
     results = bench.run_lockstep(Namespace(steps=3, timeout=60), ["lomo", "resident"], tmp_path)
     assert "error" in results["resident"] and "failed on purpose" in results["resident"]["error"]
     assert len(results["lomo"]["spans"]) == 3 + 2
+
+
+def test_lockstep_stops_a_hung_worker_at_the_timeout(monkeypatch, tmp_path):
+    import time
+
+    _fake(monkeypatch, tmp_path, fail={}, hang={"streamed": 1})  # hangs in its first step
+    started = time.monotonic()
+    results = bench.run_lockstep(Namespace(steps=2, timeout=3), ["resident", "streamed"], tmp_path)
+    assert time.monotonic() - started < 30
+    assert "error" in results["streamed"]
+    assert len(results["resident"]["spans"]) == 2 + 2  # the other goes on to the end
 
 
 def _round(times):

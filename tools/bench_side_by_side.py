@@ -58,6 +58,7 @@ import argparse
 import json
 import os
 import platform
+import select
 import shlex
 import statistics
 import subprocess
@@ -504,7 +505,6 @@ def run_lockstep(args, methods: list[str], out: Path, tag: str = "") -> dict[str
         os.close(ack_w)
         workers[method] = {"proc": proc, "ack": ack_r, "log": log, "handle": handle, "result": result_file,
                            "busy_s": 0.0, "alive": True}
-    deadline = time.monotonic() + (args.timeout if args.timeout > 0 else float("inf"))
     for phase in range(args.steps + 2):  # setup, steps, evaluation
         turn = methods[phase % len(methods):] + methods[:phase % len(methods)]
         for method in turn:
@@ -515,13 +515,14 @@ def run_lockstep(args, methods: list[str], out: Path, tag: str = "") -> dict[str
             try:
                 w["proc"].stdin.write("go\n")
                 w["proc"].stdin.flush()
-                w["alive"] = os.read(w["ack"], 1) == b"."  # EOF: the worker failed
+                left = args.timeout - w["busy_s"] if args.timeout > 0 else None  # --timeout: seconds per method
+                ready, _, _ = select.select([w["ack"]], [], [], None if left is None else max(0.0, left))
+                w["alive"] = bool(ready) and os.read(w["ack"], 1) == b"."  # EOF: the worker failed
             except BrokenPipeError:
                 w["alive"] = False
             w["busy_s"] += time.perf_counter() - started
-            if time.monotonic() > deadline:
-                w["proc"].kill()
-                w["alive"] = False
+            if not w["alive"] and w["proc"].poll() is None:
+                w["proc"].kill()  # past its --timeout
     results = {}
     for method, w in workers.items():
         w["proc"].stdin.close()
