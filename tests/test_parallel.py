@@ -1,5 +1,6 @@
 """Several ranks on CPU (gloo), launched by torchrun as a user would: `--parallel replicate`
-against one process on the global batch (fp32, max abs difference <= 1e-6 after 6 steps)."""
+against one process on the global batch (fp32, max abs difference after 6 steps <= 1e-6 for SGD,
+1e-5 for the rules that normalise the gradient)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,11 @@ from helpers import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-6
+# AdamW and AdaLomo normalise the gradient: rounding noise that differs between two half batches
+# and one whole one (the BLAS kernels the CPU picks decide it) becomes a step of a fraction of lr.
+# On an AMD EPYC machine the llama's AdamW weights differed by 2.2e-6 after 6 steps at lr 1e-2
+# (same figure before and after the change that found it); a wrong reduction differs by ~1e-2.
+TOL_NORMALISED = 1e-5
 
 
 def torchrun(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -43,7 +49,8 @@ def _label(case: dict) -> str:
 def test_ranks_equal_one_process_on_the_global_batch(library_results: list[dict], index: int) -> None:
     result = library_results[index]
     label = f"{result['mode']}: {_label(result['case'])}"
-    assert result["max_abs_diff"] <= TOL, (label, result)
+    tol = TOL if result["case"].get("rule", "sgd") == "sgd" else TOL_NORMALISED
+    assert result["max_abs_diff"] <= tol, (label, result)
     # GPT-2's key biases get a zero gradient but for rounding noise (parallel_worker.max_differences).
     assert result["key_bias_diff"] <= 2e-4, (label, result)
     assert result["ranks_identical"], label
