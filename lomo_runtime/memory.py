@@ -105,8 +105,7 @@ def release_freed_heap(keep_bytes: int = 0) -> None:
     activations per unit (measured: +800 MiB over one step of a 76-block model).
     Since glibc 2.8 malloc_trim also releases whole free pages inside the heap.
     The runtime calls it twice a step by default (`heap_trim="step"`: before the
-    head's forward, ahead of the step's peak, and before the embedding's backward, and between
-    units whenever RSS has grown by `Runtime.TRIM_GROWTH_BYTES` since the last trim), or after each
+    head's forward, ahead of the step's peak, and before the embedding's backward), or after each
     unit's forward and backward (`heap_trim="unit"`, the lowest RSS between units).
 
     `keep_bytes` > 0 trims only when the free heap exceeds it (glibc

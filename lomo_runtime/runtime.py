@@ -218,8 +218,7 @@ class Runtime(SegmentHooks):
         # Freed heap kept mapped for reuse between units (memory.release_freed_heap); the planner adds it.
         self.heap_keep = parse_size(heap_keep, "heap_keep") if heap_keep else 0
         # When freed heap goes back to the OS: "step", twice a step (before the head's forward, where
-        # the logits and their gradient make the step's peak, and before the embedding's backward) and
-        # on RSS growth (below); "unit", after every
+        # the logits and their gradient make the step's peak, and before the embedding's backward); "unit", after every
         # unit's forward and backward (lowest RSS between units, most page faults). Measured on the
         # demo model (SmolLM2-135M, 8 x 128 tokens, 2 cores): all resident 6.2 s against 7.2 s a step,
         # peak RSS 1.586 against 1.582 GiB; streamed at a quarter 7.2-7.8 s against 8.6-9.0 s, peak
@@ -228,13 +227,6 @@ class Runtime(SegmentHooks):
         # tied Llama that is 92-174 MiB of RSS the planner does not model (measured 999 MiB against
         # 825 MiB with "unit", seq 512 streamed). So the default is "unit" when a memory budget is
         # to be kept (the plan's figures then hold), "step" otherwise.
-        # Under "step", freed heap also goes back between units whenever RSS has grown by
-        # TRIM_GROWTH_BYTES since the last trim: glibc hands out free heap pages that are no longer
-        # resident while others stay mapped, so through the blocks' backward RSS climbs above live
-        # memory (on the demo streamed at a quarter, 877 to 1100 MiB over 30 blocks while live heap
-        # fell by 60 MiB). With it the demo's streamed step peaks at 1.04 GiB in every step, against
-        # 1.05-1.17 GiB, at the same speed (tools/bench_side_by_side.py's lock-step, 12 steps).
-        self._rss_after_trim = current_rss_bytes()
         if heap_trim is None:
             heap_trim = "unit" if memory_budget is not None else "step"
         if heap_trim not in ("step", "unit"):
@@ -729,7 +721,7 @@ class Runtime(SegmentHooks):
             # beside everything that forward needs. Its backward recomputes instead (segments.py).
             self._drop_kept_graphs()
         if self._trim == "step" and segment is self._head_first:
-            self._trim_heap()  # ahead of the step's peak (logits and their gradient)
+            release_freed_heap(self.heap_keep)  # ahead of the step's peak (logits and their gradient)
         self.scheduler.acquire(segment.needs)
         if grad and segment.parent is None:
             # A nested segment runs with grad only in its block's recompute, during backward: its
@@ -770,22 +762,8 @@ class Runtime(SegmentHooks):
             self.scheduler.release(segment.needs)
         if self._trim == "unit":
             release_freed_heap(self.heap_keep)  # the unit's temporaries are gone: keep RSS at what is really live
-        else:
-            self._trim_if_grown()
         if self.progress_stream is not None:
             self._note_unit("forward" if grad else "forward (no grad)", segment)
-
-    TRIM_GROWTH_BYTES = 64 * 2**20
-    """Under heap_trim="step": RSS growth since the last trim that triggers one between units."""
-
-    def _trim_heap(self) -> None:
-        release_freed_heap(self.heap_keep)
-        self._rss_after_trim = current_rss_bytes()
-
-    def _trim_if_grown(self) -> None:
-        """Trim when RSS has grown by TRIM_GROWTH_BYTES since the last trim (one /proc read a unit)."""
-        if current_rss_bytes() - self._rss_after_trim > self.TRIM_GROWTH_BYTES:
-            self._trim_heap()
 
     PROGRESS_AFTER_S = 30.0  # a step running longer than this prints where it is ...
     PROGRESS_EVERY_S = 10.0  # ... about this often
@@ -807,7 +785,7 @@ class Runtime(SegmentHooks):
         if self._trim == "step" and segment is self.segments[0]:
             # What the blocks' recomputes freed, before the embedding's backward adds its dense
             # gradient beside a tied one held since the head's: the step's second peak.
-            self._trim_heap()
+            release_freed_heap(self.heap_keep)
         self._reduce_mark = len(self._reductions)  # reductions launched before this segment's backward
         self.scheduler.acquire(segment.needs)
         if self._mode != "norm":
@@ -821,8 +799,6 @@ class Runtime(SegmentHooks):
             self.scheduler.release(segment.needs)
         if self._trim == "unit":
             release_freed_heap(self.heap_keep)
-        else:
-            self._trim_if_grown()
         if self.progress_stream is not None:
             self._note_unit("backward", segment)
         self._outstanding[segment.owner] -= 1

@@ -156,36 +156,3 @@ def test_budget_below_the_minimum_is_refused_at_start(tmp_path: Path) -> None:
     with Runtime(model_dir, SGD(lr=LR), work_dir=tmp_path / "work2", weights_budget=64 * 1024) as rt:
         assert rt.minimum_weights_budget() == 64 * 1024
         assert not rt.backward(rt.model(input_ids=ids, labels=ids).loss).dropped
-
-
-@pytest.mark.parametrize("growth", [0, 100 * 2**20])
-def test_step_trim_also_trims_between_units_once_rss_has_grown(tmp_path: Path, monkeypatch, growth: int) -> None:
-    """heap_trim="step": two fixed trims a step (before the head's forward and the embedding's
-    backward), plus one between units whenever RSS has grown by TRIM_GROWTH_BYTES since the last."""
-    import lomo_runtime.runtime as runtime_module
-
-    model_dir = make_tiny_model(tmp_path, arch="llama", tied=True)
-    rss = {"now": 10**9}
-    trims: list[int] = []
-
-    def fake_trim(keep_bytes: int = 0) -> None:
-        trims.append(rss["now"])
-
-    monkeypatch.setattr(runtime_module, "release_freed_heap", fake_trim)
-    monkeypatch.setattr(runtime_module, "current_rss_bytes", lambda: rss["now"])
-    with Runtime(model_dir, SGD(lr=LR), work_dir=tmp_path / "work", heap_trim="step") as rt:
-        original = rt.scheduler.release
-
-        def release(names):  # RSS grows by `growth` at every unit's end
-            rss["now"] += growth
-            return original(names)
-
-        rt.scheduler.release = release
-        trims.clear()
-        ids = _batches(rt.model.config.vocab_size, 1)[0]
-        rt.backward(rt.model(input_ids=ids, labels=ids).loss)
-    if growth == 0:
-        assert len(trims) == 2
-    else:  # every release grows RSS past the threshold: a trim at every unit's end besides the two
-        segments = len(rt.segments)
-        assert len(trims) >= 2 + segments

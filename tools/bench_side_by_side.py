@@ -50,7 +50,7 @@ such, instead of running it (DeepSpeed needs a 7.5-minute async-I/O build).
 
 lomo-run runs with its defaults: commits every 10 steps (so all-resident it
 writes the model at steps 10 and 20 only), the head's graph kept, freed heap
-returned twice a step and whenever RSS has grown 64 MiB.
+returned twice a step.
 """
 from __future__ import annotations
 
