@@ -18,7 +18,7 @@ TOL = 1e-6
 # AdamW and AdaLomo normalise the gradient: rounding noise that differs between two half batches
 # and one whole one (the BLAS kernels the CPU picks decide it) becomes a step of a fraction of lr.
 # On an AMD EPYC machine the llama's AdamW weights differed by 2.2e-6 after 6 steps at lr 1e-2
-# (same figure before and after the change that found it); a wrong reduction differs by ~1e-2.
+# (with stop 22's code, on which it had passed on other machines); a wrong reduction differs by ~1e-2.
 TOL_NORMALISED = 1e-5
 
 
