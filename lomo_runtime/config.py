@@ -52,7 +52,7 @@ class TrainConfig:
     host_memory_budget: str | None = None  # cuda: host memory for units (pinned); default: what fits in RAM
     weights_budget: str | None = None    # cap on resident weight bytes (experts, tests)
     heap_keep: str | None = None         # freed heap kept mapped between units: fewer page faults, more RSS
-    heap_trim: str | None = None         # freed heap back twice a step ("step") or after every unit ("unit");
+    heap_trim: str | None = None         # freed heap back a few times a step ("step") or after every unit ("unit");
                                          # default: "unit" with --memory-budget (the plan holds), else "step"
     offload_dir: str | None = None       # working store location (default OUT/store)
     seed: int = 0

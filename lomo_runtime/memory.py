@@ -104,8 +104,9 @@ def release_freed_heap(keep_bytes: int = 0) -> None:
     the top of the heap, so without this RSS creeps up by about one block's
     activations per unit (measured: +800 MiB over one step of a 76-block model).
     Since glibc 2.8 malloc_trim also releases whole free pages inside the heap.
-    The runtime calls it twice a step by default (`heap_trim="step"`: before the
-    head's forward, ahead of the step's peak, and before the embedding's backward), or after each
+    The runtime calls it a few times a step by default (`heap_trim="step"`: before the
+    head's forward, ahead of the step's peak, after every `Runtime.TRIM_EVERY_BLOCKS`
+    blocks' backward, and before the embedding's backward), or after each
     unit's forward and backward (`heap_trim="unit"`, the lowest RSS between units).
 
     `keep_bytes` > 0 trims only when the free heap exceeds it (glibc

@@ -217,13 +217,14 @@ class Runtime(SegmentHooks):
         self.work_dir = self.run_dir if self.parallel is None else rank_dir(self.run_dir, self.parallel.rank)
         # Freed heap kept mapped for reuse between units (memory.release_freed_heap); the planner adds it.
         self.heap_keep = parse_size(heap_keep, "heap_keep") if heap_keep else 0
-        # When freed heap goes back to the OS: "step", twice a step (before the head's forward, where
-        # the logits and their gradient make the step's peak, and before the embedding's backward); "unit", after every
+        # When freed heap goes back to the OS: "step", a few times a step (before the head's forward, where
+        # the logits and their gradient make the step's peak, every TRIM_EVERY_BLOCKS blocks' backward, and
+        # before the embedding's backward); "unit", after every
         # unit's forward and backward (lowest RSS between units, most page faults). Measured on the
         # demo model (SmolLM2-135M, 8 x 128 tokens, 2 cores): all resident 6.2 s against 7.2 s a step,
         # peak RSS 1.586 against 1.582 GiB; streamed at a quarter 7.2-7.8 s against 8.6-9.0 s, peak
         # 1.202 against 1.200 GiB (tools/bench_side_by_side.py's workers, one run each, alternated).
-        # But between the two trims freed temporaries stay mapped: on tools/plan_accuracy.py's 110M
+        # But between trims freed temporaries stay mapped: on tools/plan_accuracy.py's 110M
         # tied Llama that is 92-174 MiB of RSS the planner does not model (measured 999 MiB against
         # 825 MiB with "unit", seq 512 streamed). So the default is "unit" when a memory budget is
         # to be kept (the plan's figures then hold), "step" otherwise.
@@ -311,6 +312,7 @@ class Runtime(SegmentHooks):
         self._reduce_mark = 0
         self.reduce_wait_s = 0.0     # time the compute thread waited on them (cumulative)
         self._head_first = next(s for s in self.segments if s.may_keep_graph and s.parent is None)
+        self._trim_after = self._backward_trim_points() if self._trim == "step" else set()
         self._accumulating = False   # micro-batches accumulated, their step not yet applied
         self._commit_meta: dict = {}  # the caller's latest commit_meta, committed with the next commit
         self._commit_due = False     # this step ends with a commit: write units as soon as they are done
@@ -707,6 +709,30 @@ class Runtime(SegmentHooks):
             )
         return explicit
 
+    TRIM_EVERY_BLOCKS = 15  # heap_trim "step": freed heap back after every this many blocks' backward, too
+
+    def _backward_trim_points(self) -> set[int]:
+        """The blocks (top-level segments between the embedding and the head) after whose backward
+        heap_trim "step" also trims: every TRIM_EVERY_BLOCKS-th in backward order, not the last one
+        (the trim before the embedding's backward follows it). Ids, as segments compare by value.
+
+        Through the blocks' backward glibc serves new temporaries from free heap pages the last trim
+        returned and keeps the pages it frees mapped, so RSS drifts up block by block while the live
+        heap falls: on the demo streamed (SmolLM2-135M, 30 blocks, tools/bench_side_by_side.py's
+        streamed worker) from 877 to 1100 MiB, making the step's peak 1.09-1.21 GiB depending on where
+        the free space lies, above the head's 1.04 GiB. A trim costs the re-faulting of what it
+        returns, so it is spaced by blocks (the drift grows with depth): one mid-backward trim on the
+        demo. Lock-step A/B runs against the code without it (tools/bench_side_by_side.py workers, 14-16
+        steps each): every 15 blocks, step peaks 1.033-1.061 GiB at 1.001 and 0.987 of the speed;
+        every 12 (two trims) 0.978; every 10 (two) 0.983; a trim whenever RSS had grown 64 MiB 0.934.
+        None when every unit stays resident: there the head's phase, with all the weights, stays the
+        peak (all resident on the demo, step peaks 1.412-1.415 GiB with and without, at 0.987 of the speed)."""
+        if self.weights_budget is None or self.weights_budget >= sum(u.nbytes for u in self.scheduler.units.values()):
+            return set()
+        blocks = [s for s in self.segments[1:] if s.parent is None and not s.may_keep_graph][::-1]
+        every = self.TRIM_EVERY_BLOCKS
+        return {id(s) for s in blocks[every - 1:-1:every]}
+
     # ---- segment hooks -------------------------------------------------------------------------
     def segment_forward_begin(self, segment: Segment, grad: bool) -> None:
         if grad and not self._in_step:
@@ -797,7 +823,7 @@ class Runtime(SegmentHooks):
         if entry is not None and self._mode != "norm":  # exact clipping's second pass needs the graph too
             self._kept_pins.remove(entry)
             self.scheduler.release(segment.needs)
-        if self._trim == "unit":
+        if self._trim == "unit" or id(segment) in self._trim_after:
             release_freed_heap(self.heap_keep)
         if self.progress_stream is not None:
             self._note_unit("backward", segment)

@@ -50,7 +50,8 @@ such, instead of running it (DeepSpeed needs a 7.5-minute async-I/O build).
 
 lomo-run runs with its defaults: commits every 10 steps (so all-resident it
 writes the model at steps 10 and 20 only), the head's graph kept, freed heap
-returned twice a step.
+returned a few times a step (before the head, every 15 blocks of backward, before
+the embedding).
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from ..config import load_yaml, merge
 @click.option("--weights-budget", help="Cap on resident weight bytes, e.g. 160KB.")
 @click.option("--heap-keep", help="Freed heap kept mapped between units, e.g. 256MiB: faster steps, higher RSS (default 0).")
 @click.option("--heap-trim", type=click.Choice(["step", "unit"]),
-              help="Return freed heap to the OS twice a step or after every unit (least RSS, slower; the "
+              help="Return freed heap to the OS a few times a step or after every unit (least RSS, slower; the "
                    "default with --memory-budget, so the plan's peak holds).")
 @click.option("--offload-dir", help="Where the working store lives (default OUT/store).")
 @click.option("--seed", type=int)
