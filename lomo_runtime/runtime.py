@@ -726,7 +726,11 @@ class Runtime(SegmentHooks):
         steps each): every 15 blocks, step peaks 1.033-1.061 GiB at 1.001 and 0.987 of the speed;
         every 12 (two trims) 0.978; every 10 (two) 0.983; a trim whenever RSS had grown 64 MiB 0.934.
         None when every unit stays resident: there the head's phase, with all the weights, stays the
-        peak (all resident on the demo, step peaks 1.412-1.415 GiB with and without, at 0.987 of the speed)."""
+        peak (all resident on the demo, step peaks 1.412-1.415 GiB with and without, at 0.987 of the speed).
+        None with a compute device: the temporaries that drift are the CPU compute's, and a trim
+        (about 29 ms on the demo) would only lengthen a device's short step."""
+        if self.compute_device is not None:
+            return set()
         if self.weights_budget is None or self.weights_budget >= sum(u.nbytes for u in self.scheduler.units.values()):
             return set()
         blocks = [s for s in self.segments[1:] if s.parent is None and not s.may_keep_graph][::-1]

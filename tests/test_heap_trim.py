@@ -11,11 +11,12 @@ import torch
 import lomo_runtime.runtime as runtime_module
 from helpers import make_tiny_model
 from lomo_runtime import SGD, Runtime
+from lomo_runtime.device import SimulatedDevice
 
 BLOCKS = 7
 
 
-def _events(monkeypatch, tmp_path: Path, heap_trim: str, every: int, budget: str | None = "half"):
+def _events(monkeypatch, tmp_path: Path, heap_trim: str, every: int, budget: str | None = "half", device="cpu"):
     """One step's sequence of "trim" and "fwd/bwd OWNER" (top-level segments' ends), step 2 of 2, and
     whether blocks were split. `budget`: None (all resident), "half" of the weights, or "smallest"."""
     model_dir = make_tiny_model(tmp_path, "llama", tied=True, num_hidden_layers=BLOCKS)
@@ -50,7 +51,7 @@ def _events(monkeypatch, tmp_path: Path, heap_trim: str, every: int, budget: str
     monkeypatch.setattr(Runtime, "segment_backward_end", backward_end)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     with Runtime(model_dir, SGD(lr=0.05), work_dir=tmp_path / "store", heap_trim=heap_trim,
-                 weights_budget=weights_budget) as rt:
+                 weights_budget=weights_budget, device=device) as rt:
         rt.backward(rt.model(input_ids=ids, labels=ids).loss)
         events.clear()
         rt.backward(rt.model(input_ids=ids, labels=ids).loss)
@@ -85,6 +86,12 @@ def test_step_trim_with_split_blocks_counts_blocks_not_nested_segments(monkeypat
 
 def test_step_trim_all_resident_only_before_the_head_and_the_embedding(monkeypatch, tmp_path):
     events, _ = _events(monkeypatch, tmp_path, "step", every=3, budget=None)
+    assert _trimmed_after(events) == ["fwd block.6", "bwd-begin embed"]
+
+
+def test_step_trim_on_a_device_only_before_the_head_and_the_embedding(monkeypatch, tmp_path):
+    # Weights stream through device memory at half the weights, but the compute is not the CPU's.
+    events, _ = _events(monkeypatch, tmp_path, "step", every=3, device=SimulatedDevice())
     assert _trimmed_after(events) == ["fwd block.6", "bwd-begin embed"]
 
 
