@@ -313,7 +313,8 @@ def _setup_lomo_run(args, streamed: bool) -> _Method:
         budget = max(quarter, minimum)
         info = {"weights_bytes": weights, "quarter_bytes": quarter, "minimum_bytes": minimum, "budget_bytes": budget,
                 "budget_is_quarter": budget == quarter}
-    rt = Runtime(args.model, SGD(lr=args.lr), work_dir=work, weights_budget=budget, heap_keep=getattr(args, "heap_keep", 0))
+    extra = json.loads(getattr(args, "runtime_kwargs", None) or "{}")  # tools/bench_ab.py's variants
+    rt = Runtime(args.model, SGD(lr=args.lr), work_dir=work, weights_budget=budget, **extra)
 
     def step(index, ids, labels):
         loss = rt.model(input_ids=ids, labels=labels).loss
@@ -470,7 +471,7 @@ def _collect(method: str, returncode: int, result_file: Path, log: Path, wall: f
     if returncode != 0 or not result_file.exists():
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         error = next((ln for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[-1] if lines else "")
-        return {"method": method, "label": LABELS[method], "error": error.strip()[:400], "returncode": returncode,
+        return {"method": method, "label": LABELS.get(method, method), "error": error.strip()[:400], "returncode": returncode,
                 "wall_s": wall, "log": str(log)}
     result = json.loads(result_file.read_text())
     result["wall_s"] = wall
@@ -493,45 +494,58 @@ def run_lockstep(args, methods: list[str], out: Path, tag: str = "") -> dict[str
     """All `methods` alive at once, taking turns one phase at a time (setup, each step, evaluation):
     only one computes at any moment, and step k of every method lands within seconds of the others',
     so a slow minute on this shared machine hits them alike. The order rotates every phase."""
-    workers = {}
-    for method in methods:
-        result_file = out / f"{method}{tag}.json"
+    workers = {m: (_worker_cmd(args, m, out, out / f"{m}{tag}.json"), None, out / f"{m}{tag}.json", out / f"{m}{tag}.log")
+               for m in methods}
+    done = drive_lockstep(workers, args.steps + 2, args.timeout)  # setup, steps, evaluation
+    return {m: _collect(m, rc, workers[m][2], workers[m][3], busy) for m, (rc, busy) in done.items()}
+
+
+def drive_lockstep(workers: dict[str, tuple[list[str], dict | None, Path, Path]], phases: int,
+                   timeout: float = 0) -> dict[str, tuple[int, float]]:
+    """Run worker processes (name -> (command, environment or None, result file, log)) in lock-step:
+    each gets "go" on stdin in turn, one phase at a time, and answers a byte on `--lockstep-fd`
+    when its phase is done; the order rotates every phase. `timeout` (0: none) bounds each worker's
+    busy seconds. Returns name -> (return code, busy seconds). Also used by tools/bench_ab.py."""
+    live = {}
+    for name, (cmd, env, result_file, log) in workers.items():
         result_file.unlink(missing_ok=True)
-        log = out / f"{method}{tag}.log"
         ack_r, ack_w = os.pipe()
         handle = log.open("w")
-        proc = subprocess.Popen(_worker_cmd(args, method, out, result_file) + ["--lockstep-fd", str(ack_w)],
-                                stdin=subprocess.PIPE, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
-                                pass_fds=(ack_w,), text=True)
+        proc = subprocess.Popen(cmd + ["--lockstep-fd", str(ack_w)], stdin=subprocess.PIPE, stdout=handle,
+                                stderr=subprocess.STDOUT, cwd=REPO, env=env, pass_fds=(ack_w,), text=True)
         os.close(ack_w)
-        workers[method] = {"proc": proc, "ack": ack_r, "log": log, "handle": handle, "result": result_file,
-                           "busy_s": 0.0, "alive": True}
-    for phase in range(args.steps + 2):  # setup, steps, evaluation
-        turn = methods[phase % len(methods):] + methods[:phase % len(methods)]
-        for method in turn:
-            w = workers[method]
+        live[name] = {"proc": proc, "ack": ack_r, "handle": handle, "busy_s": 0.0, "alive": True}
+    names = list(workers)
+    for phase in range(phases):
+        turn = names[phase % len(names):] + names[:phase % len(names)]
+        for name in turn:
+            w = live[name]
             if not w["alive"]:
                 continue
             started = time.perf_counter()
             try:
                 w["proc"].stdin.write("go\n")
                 w["proc"].stdin.flush()
-                left = args.timeout - w["busy_s"] if args.timeout > 0 else None  # --timeout: seconds per method
+                left = timeout - w["busy_s"] if timeout > 0 else None
                 ready, _, _ = select.select([w["ack"]], [], [], None if left is None else max(0.0, left))
                 w["alive"] = bool(ready) and os.read(w["ack"], 1) == b"."  # EOF: the worker failed
             except BrokenPipeError:
                 w["alive"] = False
             w["busy_s"] += time.perf_counter() - started
             if not w["alive"] and w["proc"].poll() is None:
-                w["proc"].kill()  # past its --timeout
-    results = {}
-    for method, w in workers.items():
+                w["proc"].kill()  # past its timeout
+    done = {}
+    for name, w in live.items():
         w["proc"].stdin.close()
         returncode = w["proc"].wait()
         w["handle"].close()
         os.close(w["ack"])
-        results[method] = _collect(method, returncode, w["result"], w["log"], w["busy_s"])
-    return results
+        done[name] = (returncode, w["busy_s"])
+    return done
+
+
+def _score(x: float | None) -> str:
+    return "not scored" if x is None else f"{x:.3f}"  # --eval 0
 
 
 def _gib(n: float) -> str:
@@ -548,7 +562,7 @@ def table(results: list[dict], zero_shot: dict) -> str:
             rows.append(f"| {r['label']} | did not run: `{r['error']}` | | | | |")
             continue
         rows.append(f"| {r['label']} | {_gib(r['train_peak_rss_bytes'])} | {r['tokens_per_s']:.0f} | "
-                    f"{r['final_loss']:.3f} ({r['final_loss_mean_last5']:.3f}) | {r['accuracy']:.3f} | {r['eval_loss']:.3f} |")
+                    f"{r['final_loss']:.3f} ({r['final_loss_mean_last5']:.3f}) | {_score(r['accuracy'])} | {_score(r['eval_loss'])} |")
     return "\n".join(rows)
 
 
@@ -689,6 +703,7 @@ def main() -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     parser.add_argument("--lockstep-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--runtime-kwargs", help=argparse.SUPPRESS)  # JSON: extra Runtime arguments (bench_ab.py)
     args = parser.parse_args()
     if args.worker:
         run_worker(args)
