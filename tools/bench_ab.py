@@ -91,9 +91,8 @@ def summarise(variants: list[dict], results: dict[str, dict]) -> list[dict]:
         row.update(median_step_s=statistics.median(s["step_s"] for s in timed),
                    peak_rss_bytes=[s["peak_rss_bytes"] for s in r["steps"]], info=r.get("info", {}))
         if v is not variants[0] and first and "error" not in first:
-            per_step = [a["step_s"] / b["step_s"] for a, b in zip(first["steps"][1:], timed)]
-            row.update(speed_vs_first=statistics.median(per_step),
-                       quartiles=statistics.quantiles(per_step, n=4) if len(per_step) > 1 else per_step * 3,
+            per_step = sbs.step_ratios(r["steps"], first["steps"])
+            row.update(speed_vs_first=statistics.median(per_step), quartiles=sbs.quartiles(per_step),
                        losses_identical=[s["loss"] for s in first["steps"]] == [s["loss"] for s in r["steps"]])
         rows.append(row)
     return rows

@@ -439,6 +439,15 @@ def _report(method: str, result: dict, note: str = "") -> None:
     print(f"{method}{note}: {status} ({result['wall_s']:.0f} s)", flush=True)
 
 
+def step_ratios(num_steps: list[dict], den_steps: list[dict]) -> list[float]:
+    """Per timed step k (step 1 warms up): den's step k time / num's, num's speed relative to den's."""
+    return [d["step_s"] / n["step_s"] for n, d in zip(num_steps[1:], den_steps[1:])]
+
+
+def quartiles(values: list[float]) -> list[float]:
+    return statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+
+
 def _alternation(rounds: dict[str, list[dict]], per_step: bool = False) -> dict:
     """Median tokens/s per alternated method over rounds, and each ratio: the median of the
     per-round ratios, or with `per_step` (lock-step runs) the median over every timed step k of
@@ -453,9 +462,8 @@ def _alternation(rounds: dict[str, list[dict]], per_step: bool = False) -> dict:
             per_round = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs]
             ratios[name] = {"median": statistics.median(per_round), "rounds": per_round}
             if per_step:
-                steps = [sb["step_s"] / sa["step_s"] for a, b in pairs for sa, sb in zip(a["steps"][1:], b["steps"][1:])]
-                ratios[name].update(median=statistics.median(steps), steps=steps,
-                                    quartiles=statistics.quantiles(steps, n=4) if len(steps) > 1 else steps * 3)
+                steps = [r for a, b in pairs for r in step_ratios(a["steps"], b["steps"])]
+                ratios[name].update(median=statistics.median(steps), steps=steps, quartiles=quartiles(steps))
     return {"tokens_per_s": tps, "ratios": ratios, "per_step": per_step}
 
 
